@@ -1,0 +1,619 @@
+"""Typed run configuration: YAML in, validated nested dataclasses out, resolved YAML back.
+
+One `Config` holds every setting of a run. It is built from a YAML file plus dotted command
+line overrides (``method.condition_shift.scale=-1``), and every problem found (unknown keys
+with the closest valid name, wrong types, values out of range, settings that contradict each
+other) is reported together in one `ConfigError`, before any model or process group exists.
+
+Each field carries a help string in its metadata (``option(default, "help")``); `describe()`
+prints them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, one per line, each naming its field path."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the configuration{where}:\n{lines}")
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at call sites
+    """A dataclass field with a default (copied for lists and dicts) and a help string."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+# Model presets that apex_dist.models.build_model knows (kept here so that validation needs no
+# model code).
+MODEL_PRESETS = ("toy-mlp",)
+
+
+@dataclass
+class ToyModelConfig:
+    """The 2-D MLP velocity model used by the toy experiment and the unit tests."""
+
+    data_dim: int = option(2, "dimension of the data points")
+    text_dim: int = option(16, "width of the class embedding that plays the text features")
+    hidden_size: int = option(256, "width of the MLP")
+    num_blocks: int = option(4, "number of residual blocks")
+
+    def validate(self, path: str) -> list[str]:
+        return [
+            f"{path}.{name} must be a positive integer (got {getattr(self, name)})"
+            for name in ("data_dim", "text_dim", "hidden_size", "num_blocks")
+            if getattr(self, name) < 1
+        ]
+
+
+@dataclass
+class ModelConfig:
+    preset: str = option("toy-mlp", "model preset name (see apex_dist.models)")
+    pretrained: Optional[str] = option(
+        None, "local checkpoint directory (Hugging Face snapshot layout), or null for random init"
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", "dtype of the frozen/base weights")
+    toy: ToyModelConfig = option(ToyModelConfig(), "sizes of the toy MLP (preset toy-mlp)")
+
+    def validate(self, path: str) -> list[str]:
+        problems = self.toy.validate(f"{path}.toy")
+        if self.preset not in MODEL_PRESETS:
+            hint = difflib.get_close_matches(self.preset, MODEL_PRESETS, n=1)
+            suggestion = (
+                f"did you mean {hint[0]!r}?" if hint else f"known: {', '.join(MODEL_PRESETS)}"
+            )
+            problems.append(f"{path}.preset {self.preset!r} is unknown: {suggestion}")
+        if self.pretrained is not None and not Path(self.pretrained).is_dir():
+            problems.append(
+                f"{path}.pretrained: directory {self.pretrained!r} does not exist "
+                "(give a local snapshot directory or null)"
+            )
+        return problems
+
+
+# --------------------------------------------------------------------------------------------
+# method (see ../shared/design/method.md; equation numbers are the paper's)
+
+
+@dataclass
+class TimeSamplingConfig:
+    beta_p: float = option(1.0, "t ~ Beta(p, q) * scale: first shape parameter")
+    beta_q: float = option(1.0, "t ~ Beta(p, q) * scale: second shape parameter")
+    scale: float = option(1.0, "t ~ Beta(p, q) * scale: scale, in (0, 1]")
+
+    def validate(self, path: str) -> list[str]:
+        problems = [
+            f"{path}.{name} must be > 0 (got {getattr(self, name)})"
+            for name in ("beta_p", "beta_q")
+            if not getattr(self, name) > 0
+        ]
+        if not 0 < self.scale <= 1:
+            problems.append(
+                f"{path}.scale must be in (0, 1] (got {self.scale}): times live in [0, 1]"
+            )
+        return problems
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["robust", "l2"] = option(
+        "robust", "per-row loss: robust (mse * sg((mse/c^2 + 1)^-1/2) / c) or plain l2 (mse)"
+    )
+    robust_scale: float = option(1e-3, "c of the robust loss, about the per-row RMSE")
+
+    def validate(self, path: str) -> list[str]:
+        if not self.robust_scale > 0:
+            return [f"{path}.robust_scale must be > 0 (got {self.robust_scale})"]
+        return []
+
+
+@dataclass
+class ConditionShiftConfig:
+    """c_fake = scale * c + bias on the text tokens after the text input projection (Eq. 9)."""
+
+    scale: float = option(-0.5, "a in c_fake = a*c + b (paper's best: -0.5)")
+    bias: float = option(1.0, "b in c_fake = a*c + b (paper's best: 1.0)")
+    learnable: bool = option(False, "train a and b as parameters of the model")
+
+    def validate(self, path: str) -> list[str]:
+        if self.scale == 1.0 and self.bias == 0.0:
+            return [
+                f"{path}: scale=1, bias=0 is the identity, so the fake branch equals the real "
+                "one; choose another shift (default -0.5, 1.0)"
+            ]
+        return []
+
+
+@dataclass
+class ReferenceConfig:
+    mode: Literal["online", "frozen_base", "ema"] = option(
+        "online",
+        "model for the no-grad auxiliary passes: online (the student), frozen_base (the "
+        "starting weights, frozen; free for LoRA), ema (moving average of the student)",
+    )
+    ema_decay: float = option(0.999, "target EMA decay, reached by a warm-up (mode ema)")
+
+    def validate(self, path: str) -> list[str]:
+        if self.mode == "ema" and not 0 < self.ema_decay < 1:
+            return [f"{path}.ema_decay must be in (0, 1) for mode ema (got {self.ema_decay})"]
+        return []
+
+
+@dataclass
+class GuidanceConfig:
+    """Guidance baked into the training target (apex_v0 step 4), so sampling needs no CFG.
+
+    Effective classifier-free guidance scale of a ratio w: online or ema reference: 1/(1-w)
+    (5 at w = 0.8); frozen_base reference: about 1 + w; data-free mode with a frozen reference:
+    w itself is the CFG scale.
+    """
+
+    ratio: float = option(0.8, "w; 0 disables guidance (see the class docstring for its scale)")
+    negative_prompt: str = option("Generate an image.", "prompt whose embedding is c_neg")
+
+    def validate(self, path: str) -> list[str]:
+        if self.ratio < 0:
+            return [f"{path}.ratio must be >= 0 (got {self.ratio})"]
+        return []
+
+
+@dataclass
+class ApexConfig:
+    """Switches of the paper's objective `apex` (Section 3)."""
+
+    mix_ratio: float = option(0.5, "lam in T_mix = (1-lam)*x + lam*(x_t - t*v_fake) (Eq. 22-24)")
+    fake_weight: float = option(1.0, "lambda_p, weight of L_fake (Eq. 25)")
+    mix_weight: float = option(1.0, "lambda_e, weight of L_mix (Eq. 25)")
+    detach_fake: bool = option(False, "stop the gradient through x_fake (paper: no)")
+    correction: Literal["toward_fake", "away_from_fake"] = option(
+        "toward_fake",
+        "toward_fake: the consistency target is the fake branch's x-prediction (paper, "
+        "literal); away_from_fake: the reflected target, moving along v_real - v_fake (DMD)",
+    )
+    target_time: Literal["zero", "t"] = option(
+        "zero", "target time tt of the real-branch pass: 0 (one jump to data) or t"
+    )
+    mix_time_weight: Literal["one", "one_minus_t_over_t"] = option(
+        "one", "per-time weight of L_mix: 1, or w(t) = (1-t)/t (Eq. 16)"
+    )
+
+    def validate(self, path: str) -> list[str]:
+        problems = []
+        if not 0 <= self.mix_ratio <= 1:
+            problems.append(f"{path}.mix_ratio must be in [0, 1] (got {self.mix_ratio})")
+        for name in ("fake_weight", "mix_weight"):
+            if getattr(self, name) < 0:
+                problems.append(f"{path}.{name} must be >= 0 (got {getattr(self, name)})")
+        return problems
+
+
+@dataclass
+class ApexV0Config:
+    """Switches of the released code's objective `apex_v0` (method.md section 4)."""
+
+    fake_flag: Literal["shift", "shift+neg_time", "neg_time"] = option(
+        "shift", "how the adversarial (fake) rows are marked for the model"
+    )
+    mul_jitter: float = option(0.05, "mul rows: tt = t * (1 - jitter * u), u ~ U(0, 1)")
+    consistency_order: int = option(2, "N, steps of the no-grad roll-out of the target (RCGM)")
+    consistency_delta: float = option(0.01, "delta, the size of the first target step (RCGM)")
+    residual_clamp: float = option(1.0, "clamp of the consistency residual and of delta_F")
+    distribution_matching_weight: float = option(0.5, "weight of the e2e rows' DMD term")
+    time_weight: bool = option(True, "weight rows by tan((1 - (|t| - |tt|)) * pi / 2.5) + 1")
+    data_free: bool = option(
+        False, "replace every row's data by the model's one-step sample (prompt-only data)"
+    )
+
+    def validate(self, path: str) -> list[str]:
+        problems = []
+        if not 0 <= self.mul_jitter <= 1:
+            problems.append(f"{path}.mul_jitter must be in [0, 1] (got {self.mul_jitter})")
+        if self.consistency_order < 1:
+            problems.append(f"{path}.consistency_order must be >= 1 (got {self.consistency_order})")
+        if not 0 < self.consistency_delta < 1:
+            problems.append(
+                f"{path}.consistency_delta must be in (0, 1) (got {self.consistency_delta})"
+            )
+        if not self.residual_clamp > 0:
+            problems.append(f"{path}.residual_clamp must be > 0 (got {self.residual_clamp})")
+        if self.distribution_matching_weight < 0:
+            problems.append(
+                f"{path}.distribution_matching_weight must be >= 0 "
+                f"(got {self.distribution_matching_weight})"
+            )
+        return problems
+
+
+@dataclass
+class MethodConfig:
+    objective: Literal["apex_v0", "apex", "fm"] = option(
+        "apex_v0", "apex_v0 (released code, default), apex (paper, Section 3), fm (flow matching)"
+    )
+    time_sampling: TimeSamplingConfig = option(TimeSamplingConfig(), "training time distribution")
+    loss: LossConfig = option(LossConfig(), "per-row loss")
+    condition_shift: ConditionShiftConfig = option(
+        ConditionShiftConfig(), "condition shift of the fake branch"
+    )
+    reference: ReferenceConfig = option(ReferenceConfig(), "reference model for no-grad passes")
+    guidance: GuidanceConfig = option(GuidanceConfig(), "guidance baked into the target")
+    apex: ApexConfig = option(ApexConfig(), "objective apex")
+    apex_v0: ApexV0Config = option(ApexV0Config(), "objective apex_v0")
+    check_finite: bool = option(
+        True, "raise NonFiniteLossError naming the term when a loss term is nan or inf"
+    )
+
+    def validate(self, path: str) -> list[str]:
+        problems = []
+        for name in (
+            "time_sampling",
+            "loss",
+            "condition_shift",
+            "reference",
+            "guidance",
+            "apex",
+            "apex_v0",
+        ):
+            problems += getattr(self, name).validate(f"{path}.{name}")
+        if self.apex_v0.data_free and self.objective != "apex_v0":
+            problems.append(
+                f"{path}.apex_v0.data_free is only implemented by objective apex_v0 "
+                f"(objective is {self.objective!r})"
+            )
+        return problems
+
+
+# --------------------------------------------------------------------------------------------
+# data, optimizer, train, parallel, checkpoint, logging
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["toy", "synthetic", "webdataset"] = option(
+        "toy", "toy (2-D classes), synthetic (generated shapes), webdataset (tar shards)"
+    )
+    urls: list[str] = option([], "shard paths or brace patterns (webdataset)")
+    num_workers: int = option(0, "data loader worker processes per rank")
+    text_dropout: float = option(0.0, "fraction of rows whose text is replaced by c_neg")
+
+    def validate(self, path: str) -> list[str]:
+        problems = []
+        if self.kind == "webdataset" and not self.urls:
+            problems.append(f"{path}.urls is empty: kind webdataset needs at least one shard")
+        if self.num_workers < 0:
+            problems.append(f"{path}.num_workers must be >= 0 (got {self.num_workers})")
+        if not 0 <= self.text_dropout < 1:
+            problems.append(f"{path}.text_dropout must be in [0, 1) (got {self.text_dropout})")
+        return problems
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = option(1e-4, "AdamW learning rate")
+    betas: list[float] = option([0.9, 0.99], "AdamW betas")
+    eps: float = option(1e-8, "AdamW epsilon")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "global gradient-norm clip; 0 disables")
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps, then constant")
+
+    def validate(self, path: str) -> list[str]:
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"{path}.lr must be > 0 (got {self.lr})")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            problems.append(f"{path}.betas must be two numbers in [0, 1) (got {self.betas})")
+        for name in ("eps", "weight_decay", "grad_clip", "warmup_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"{path}.{name} must be >= 0 (got {getattr(self, name)})")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(1000, "optimizer steps")
+    micro_batch_size: int = option(8, "rows per rank per forward (apex_v0: a multiple of 4)")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    seed: int = option(0, "base random seed (each rank adds its rank)")
+    output_dir: str = option("runs/default", "run directory: resolved config, checkpoints, logs")
+
+    def validate(self, path: str) -> list[str]:
+        return [
+            f"{path}.{name} must be >= 1 (got {getattr(self, name)})"
+            for name in ("steps", "micro_batch_size", "gradient_accumulation_steps")
+            if getattr(self, name) < 1
+        ]
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: Literal[0, 1, 2, 3] = option(3, "DeepSpeed ZeRO stage")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = option("none", "optimizer state offload")
+    offload_params: Literal["none", "cpu", "nvme"] = option("none", "parameter offload (ZeRO-3)")
+    activation_checkpointing: int = option(0, "checkpoint every k-th block; 0 disables")
+
+    def validate(self, path: str) -> list[str]:
+        problems = []
+        if self.offload_params != "none" and self.zero_stage != 3:
+            problems.append(
+                f"{path}.offload_params={self.offload_params!r} needs zero_stage 3 "
+                f"(got {self.zero_stage})"
+            )
+        if self.activation_checkpointing < 0:
+            problems.append(
+                f"{path}.activation_checkpointing must be >= 0 "
+                f"(got {self.activation_checkpointing})"
+            )
+        return problems
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = option(0, "save every N steps; 0 saves only at the end")
+    keep_last: int = option(2, "number of checkpoints kept")
+    resume: Optional[str] = option(None, "null, 'latest', or a checkpoint directory")
+
+    def validate(self, path: str) -> list[str]:
+        problems = []
+        if self.every_steps < 0:
+            problems.append(f"{path}.every_steps must be >= 0 (got {self.every_steps})")
+        if self.keep_last < 1:
+            problems.append(f"{path}.keep_last must be >= 1 (got {self.keep_last})")
+        return problems
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = option(10, "console and wandb logging interval")
+    wandb: Literal["disabled", "offline", "online"] = option("disabled", "wandb mode")
+    project: str = option("apex_dist", "wandb project")
+    run_name: Optional[str] = option(None, "wandb run name (default: the output directory name)")
+
+    def validate(self, path: str) -> list[str]:
+        if self.every_steps < 1:
+            return [f"{path}.every_steps must be >= 1 (got {self.every_steps})"]
+        return []
+
+
+@dataclass
+class Config:
+    model: ModelConfig = option(ModelConfig(), "the velocity model")
+    method: MethodConfig = option(MethodConfig(), "the APEX objective and its switches")
+    data: DataConfig = option(DataConfig(), "the data stream")
+    optimizer: OptimizerConfig = option(OptimizerConfig(), "AdamW and clipping")
+    train: TrainConfig = option(TrainConfig(), "steps, batch, seed, run directory")
+    parallel: ParallelConfig = option(ParallelConfig(), "DeepSpeed ZeRO and memory savers")
+    checkpoint: CheckpointConfig = option(CheckpointConfig(), "saving and resuming")
+    logging: LoggingConfig = option(LoggingConfig(), "console and wandb")
+
+    def validate(self, path: str = "") -> list[str]:
+        problems = []
+        for section in dataclasses.fields(self):
+            problems += getattr(self, section.name).validate(section.name)
+        if self.method.objective == "apex_v0" and self.train.micro_batch_size % 4:
+            problems.append(
+                "train.micro_batch_size must be a multiple of 4 for objective apex_v0 "
+                f"(got {self.train.micro_batch_size}): the batch is split into four roles"
+            )
+        return problems
+
+
+# --------------------------------------------------------------------------------------------
+# building dataclasses from plain data, with every problem collected
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(repr(value) for value in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(annotation)[0])}"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _convert(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:
+    """Check `value` against a type annotation; return the converted value (or None on error)."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            problems.append(f"{path} must be a mapping of options (got {value!r})")
+            return None
+        return _build(annotation, value, path, problems)
+    if origin in (typing.Union, types.UnionType):
+        arguments = typing.get_args(annotation)
+        if value is None and type(None) in arguments:
+            return None
+        inner = [arg for arg in arguments if arg is not type(None)]
+        return _convert(value, inner[0], path, problems)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value in choices and type(value) in {type(choice) for choice in choices}:
+            return value
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        problems.append(
+            f"{path} must be one of {_type_name(annotation)} (got {value!r}){suggestion}"
+        )
+        return None
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{path} must be a {_type_name(annotation)} (got {value!r})")
+            return None
+        (item_type,) = typing.get_args(annotation)
+        return [_convert(item, item_type, f"{path}[{i}]", problems) for i, item in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported annotation {annotation!r} at {path}")
+    problems.append(f"{path} must be {_type_name(annotation)} (got {value!r})")
+    return None
+
+
+def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            suggestion = f"did you mean {hint[0]!r}?" if hint else f"valid keys: {', '.join(names)}"
+            problems.append(f"unknown key {where}: {suggestion}")
+    values = {}
+    for name in names:
+        if name in data:
+            where = f"{path}.{name}" if path else name
+            converted = _convert(data[name], hints[name], where, problems)
+            if converted is not None or data[name] is None:
+                values[name] = converted
+    try:
+        return cls(**values)
+    except TypeError as error:  # a required field missing; not expected with defaults
+        problems.append(f"{path or 'config'}: {error}")
+        return None
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError([f"override {text!r} must look like section.key=value"])
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys (``method.condition_shift.scale=-1``) in a plain nested dict, in place."""
+    problems = []
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                problems.append(
+                    f"override {text!r}: {'.'.join(keys[: depth + 1])} is a value, not a section"
+                )
+                break
+            node = child
+        else:
+            node[keys[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return data
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict | None, source: str | None = None) -> T:
+    """Build and validate dataclass `cls` from plain data; raise ConfigError with every problem."""
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"the top level must be a mapping of sections (got {type(data).__name__})"], source
+        )
+    config = _build(cls, data, "", problems)
+    if config is not None and hasattr(config, "validate"):
+        # fields with type problems kept their defaults, so range checks still see a typed config
+        problems += config.validate("")
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML file (or the defaults when path is None), apply overrides, validate."""
+    data: dict = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path) as handle:
+                data = yaml.safe_load(handle) or {}
+        except FileNotFoundError:
+            raise ConfigError([f"config file {source!r} does not exist"]) from None
+        except yaml.YAMLError as error:
+            raise ConfigError([f"invalid YAML: {error}"], source) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"the top level must be a mapping of sections (got {type(data).__name__})"], source
+        )
+    apply_overrides(data, list(overrides))
+    return from_dict(Config, data, source)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per option: dotted name, default and help."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        name = f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(hints[item.name]):
+            lines += describe(hints[item.name], f"{name}.")
+            continue
+        default = (
+            item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        )
+        lines.append(f"{name} = {default!r}: {item.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,122 @@
+"""Samplers (method.md section 7): the student's few-step sampler and the teacher's Euler+CFG.
+
+Student grid: 1 - linspace(0.001, 1 - g, N) then 0; each step jumps to data with
+x_hat = x - t_i * F(x, t_i, 0, c) and re-noises to t_{i+1} with
+x = (1 - t_{i+1}) * x_hat + t_{i+1} * (sqrt(1 - s) * z_hat + sqrt(s) * eps).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from apex_dist.method.flow import check_times, data_estimate, noise_estimate, per_row
+
+# First grid time: sampling starts just below pure noise (released code).
+GRID_START_OFFSET = 0.001
+# Default last noise level g of the grid for each step count (method.md section 7).
+DEFAULT_GAP = {1: 0.0, 2: 0.6, 4: 0.5}
+FALLBACK_GAP = 0.5
+
+
+def timestep_grid(nfe: int, gap: Optional[float] = None) -> list[float]:
+    """[1 - linspace(0.001, 1 - g, N)..., 0]: [0.999, 0] at 1 NFE, [0.999, 0.6, 0] at 2."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1 (got {nfe})")
+    if gap is None:
+        gap = DEFAULT_GAP.get(nfe, FALLBACK_GAP)
+    if not 0 <= gap < 1 - GRID_START_OFFSET:
+        raise ValueError(f"gap must be in [0, {1 - GRID_START_OFFSET}) (got {gap})")
+    times = 1 - torch.linspace(GRID_START_OFFSET, 1 - gap, nfe, dtype=torch.float64)
+    grid = [float(value) for value in times] + [0.0]
+    if nfe == 1:
+        grid = [1 - GRID_START_OFFSET, 0.0]
+    return grid
+
+
+def _rows(value: float, like: Tensor) -> Tensor:
+    return torch.full((like.shape[0],), value, device=like.device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    noise: Tensor,
+    text: Tensor,
+    text_mask: Tensor,
+    nfe: int = 1,
+    stochastic_ratio: float = 1.0,
+    gap: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Few-step (1, 2, 4, ... NFE) sampling of a distilled model, without CFG.
+
+    Args:
+        model: velocity model, ``model(x, t, tt, text, text_mask, fake_rows)``.
+        noise: (B, ...) Gaussian noise, the starting point.
+        text, text_mask: (B, S, D) features and (B, S) mask.
+        nfe: number of network evaluations.
+        stochastic_ratio: s, the share of fresh noise when re-noising (1: all fresh).
+        gap: last noise level g of the grid (default per nfe: 2 -> 0.6, 4 -> 0.5).
+        generator: random generator for the fresh noise.
+    """
+    if not 0 <= stochastic_ratio <= 1:
+        raise ValueError(f"stochastic_ratio must be in [0, 1] (got {stochastic_ratio})")
+    grid = timestep_grid(nfe, gap)
+    fake_rows = torch.zeros(noise.shape[0], dtype=torch.bool, device=noise.device)
+    x = noise.float()
+    for time, next_time in itertools.pairwise(grid):
+        t = _rows(time, x)
+        velocity = model(x, t, torch.zeros_like(t), text, text_mask, fake_rows).float()
+        x_hat = data_estimate(x, t, velocity)
+        if next_time == 0.0:
+            return x_hat
+        z_hat = noise_estimate(x, t, velocity)
+        fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        mixed_noise = (1 - stochastic_ratio) ** 0.5 * z_hat + stochastic_ratio**0.5 * fresh
+        x = (1 - next_time) * x_hat + next_time * mixed_noise
+    return x
+
+
+@torch.no_grad()
+def sample_euler(
+    model,
+    noise: Tensor,
+    text: Tensor,
+    text_mask: Tensor,
+    steps: int = 50,
+    guidance_scale: float = 1.0,
+    neg_text: Optional[Tensor] = None,
+    neg_text_mask: Optional[Tensor] = None,
+    times: Optional[Tensor] = None,
+) -> Tensor:
+    """The teacher's ordinary Euler sampler from t = 1 to 0, with classifier-free guidance.
+
+    F = F(x, t, t, c_neg) + g * (F(x, t, t, c) - F(x, t, t, c_neg)) when g != 1 (needs
+    neg_text, the negative prompt's embedding, (1 or B, S', D)); x <- x - (t_i - t_{i+1}) * F.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 (got {steps})")
+    if times is None:
+        times = torch.linspace(1.0, 0.0, steps + 1)
+    check_times(times.float(), "sample_euler times")
+    guided = guidance_scale != 1.0
+    if guided and (neg_text is None or neg_text_mask is None):
+        raise ValueError("guidance_scale != 1 needs neg_text and neg_text_mask")
+    rows = noise.shape[0]
+    fake_rows = torch.zeros(rows, dtype=torch.bool, device=noise.device)
+    if guided:
+        neg_text = neg_text.expand(rows, -1, -1)
+        neg_text_mask = neg_text_mask.expand(rows, -1)
+    x = noise.float()
+    for time, next_time in itertools.pairwise(times.tolist()):
+        t = _rows(time, x)
+        velocity = model(x, t, t, text, text_mask, fake_rows).float()
+        if guided:
+            unconditional = model(x, t, t, neg_text, neg_text_mask, fake_rows).float()
+            velocity = unconditional + guidance_scale * (velocity - unconditional)
+        x = x - per_row(t - next_time, x) * velocity
+    return x

@@ -1,0 +1,24 @@
+"""Velocity models: plain nn.Modules with the interface
+``model(x_t, t, tt, text, text_mask, fake_rows) -> velocity``; none imports deepspeed."""
+
+from apex_dist.models.conditioning import ConditionShift, DualTimeEmbedding
+from apex_dist.models.toy import ToyVelocityModel
+
+__all__ = ["ConditionShift", "DualTimeEmbedding", "ToyVelocityModel", "build_model"]
+
+
+def build_model(config):
+    """Build the velocity model named by ``config.model.preset`` (a full `Config`)."""
+    shift = config.method.condition_shift
+    if config.model.preset == "toy-mlp":
+        sizes = config.model.toy
+        return ToyVelocityModel(
+            data_dim=sizes.data_dim,
+            text_dim=sizes.text_dim,
+            hidden_size=sizes.hidden_size,
+            num_blocks=sizes.num_blocks,
+            shift_scale=shift.scale,
+            shift_bias=shift.bias,
+            shift_learnable=shift.learnable,
+        )
+    raise ValueError(f"model.preset {config.model.preset!r} is unknown; known presets: toy-mlp")

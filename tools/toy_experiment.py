@@ -1,0 +1,372 @@
+"""APEX on a conditional 2-D toy problem: teacher, students, and a table of distances.
+
+Eight classes, each a differently shaped distribution placed on a circle. A small MLP velocity
+model (apex_dist.models.ToyVelocityModel, the same interface as the 20B MMDiT; its class
+embedding plays the text) is pretrained with `fm` as the teacher. Students start from the
+teacher's weights and are distilled with `apex` (both correction signs), `apex_v0` (with data,
+and data-free from a frozen teacher) and `fm` as a control. Each is scored, over several seeds,
+by the sliced Wasserstein distance to the true class-conditional distributions and by the
+fraction of samples landing in their own class's region, for the teacher at 50 and 1 Euler
+steps and each student at 1 and 2 NFE.
+
+    python tools/toy_experiment.py --out runs/toy           # full table (about 4 minutes, 2 cores)
+    python tools/toy_experiment.py --quick                  # the shortened run of the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from apex_dist.config import Config, apply_overrides, from_dict, to_dict
+from apex_dist.method import build_objective, build_reference, sample, sample_euler
+from apex_dist.models import build_model
+
+NUM_CLASSES = 8
+# Class centres lie on a circle of this radius; shapes stay within SHAPE_RADIUS of the centre,
+# so each class's Voronoi cell (its "region") contains its whole shape.
+CENTER_RADIUS = 4.0
+SHAPE_RADIUS = 1.2
+TEXT_DIM = 16
+# Row of the embedding table that plays the negative prompt "Generate an image.".
+NEGATIVE_INDEX = NUM_CLASSES
+EMBEDDING_SEED = 1234
+SLICED_PROJECTIONS = 256
+
+
+def class_centers() -> torch.Tensor:
+    angles = torch.arange(NUM_CLASSES) * (2 * math.pi / NUM_CLASSES)
+    return CENTER_RADIUS * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def _shape_points(label: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Points of one class's shape around the origin, within SHAPE_RADIUS."""
+    uniform = torch.rand(count, generator=generator)
+    normal = torch.randn(count, 2, generator=generator)
+    if label == 0:  # ring
+        angle = 2 * math.pi * uniform
+        points = 0.9 * torch.stack([torch.cos(angle), torch.sin(angle)], 1) + 0.05 * normal
+    elif label == 1:  # round blob
+        points = 0.35 * normal
+    elif label == 2:  # horizontal bar
+        points = torch.stack([2 * uniform - 1, torch.zeros(count)], 1) + 0.05 * normal
+    elif label == 3:  # cross
+        along = 2 * uniform - 1
+        horizontal = torch.rand(count, generator=generator) < 0.5
+        points = (
+            torch.where(
+                horizontal[:, None],
+                torch.stack([along, torch.zeros(count)], 1),
+                torch.stack([torch.zeros(count), along], 1),
+            )
+            + 0.05 * normal
+        )
+    elif label == 4:  # two blobs
+        side = torch.where(torch.rand(count, generator=generator) < 0.5, -0.6, 0.6)
+        points = torch.stack([side, torch.zeros(count)], 1) + 0.15 * normal
+    elif label == 5:  # square outline
+        along = 2 * uniform - 1
+        edge = torch.randint(0, 4, (count,), generator=generator)
+        x = torch.where(edge < 2, along, torch.where(edge == 2, -1.0, 1.0)) * 0.7
+        y = torch.where(edge < 2, torch.where(edge == 0, -1.0, 1.0), along) * 0.7
+        points = torch.stack([x, y], 1) + 0.03 * normal
+    elif label == 6:  # spiral
+        turn = 3 * math.pi * uniform
+        radius = 0.15 + 0.3 * turn / math.pi
+        points = (
+            torch.stack([radius * torch.cos(turn), radius * torch.sin(turn)], 1) + 0.04 * normal
+        )
+    else:  # half-moon arc
+        angle = math.pi * uniform
+        points = torch.stack([torch.cos(angle), torch.sin(angle) - 0.5], 1) + 0.06 * normal
+    return points.clamp(-SHAPE_RADIUS, SHAPE_RADIUS)
+
+
+def sample_data(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """True samples (B, 2) for class labels (B,)."""
+    points = torch.empty(labels.shape[0], 2)
+    for label in range(NUM_CLASSES):
+        chosen = labels == label
+        if chosen.any():
+            points[chosen] = _shape_points(label, int(chosen.sum()), generator)
+    return points + class_centers()[labels]
+
+
+def class_embeddings() -> torch.Tensor:
+    """(NUM_CLASSES + 1, 1, TEXT_DIM): one "text token" per class, and the negative prompt."""
+    generator = torch.Generator().manual_seed(EMBEDDING_SEED)
+    return torch.randn(NUM_CLASSES + 1, 1, TEXT_DIM, generator=generator)
+
+
+def make_batch(
+    labels: torch.Tensor, embeddings: torch.Tensor, generator, dropout: float = 0.0
+) -> dict:
+    """A batch in the objectives' format; `dropout` replaces labels by the negative prompt."""
+    text_labels = labels.clone()
+    if dropout > 0:
+        dropped = torch.rand(labels.shape[0], generator=generator) < dropout
+        text_labels[dropped] = NEGATIVE_INDEX
+    rows = labels.shape[0]
+    return {
+        "latents": sample_data(labels, generator),
+        "text": embeddings[text_labels],
+        "text_mask": torch.ones(rows, 1, dtype=torch.bool),
+        "neg_text": embeddings[NEGATIVE_INDEX : NEGATIVE_INDEX + 1],
+        "neg_text_mask": torch.ones(1, 1, dtype=torch.bool),
+    }
+
+
+def sliced_wasserstein(first: torch.Tensor, second: torch.Tensor, generator) -> float:
+    """Sliced 2-Wasserstein distance between two equal-size point sets."""
+    directions = torch.randn(2, SLICED_PROJECTIONS, generator=generator)
+    directions = directions / directions.norm(dim=0, keepdim=True)
+    projected_first = (first @ directions).sort(dim=0).values
+    projected_second = (second @ directions).sort(dim=0).values
+    return float((projected_first - projected_second).square().mean().sqrt())
+
+
+def evaluate(
+    points: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, generator
+) -> dict:
+    """Mean per-class sliced Wasserstein distance and fraction in the own class's region."""
+    distances = []
+    for label in range(NUM_CLASSES):
+        chosen = labels == label
+        distances.append(sliced_wasserstein(points[chosen], reference[chosen], generator))
+    nearest = torch.cdist(points, class_centers()).argmin(dim=1)
+    return {
+        "distance": statistics.fmean(distances),
+        "in_region": float((nearest == labels).float().mean()),
+    }
+
+
+@dataclass
+class Settings:
+    teacher_steps: int
+    student_steps: int
+    batch_size: int
+    samples_per_class: int
+    teacher_lr: float
+    student_lr: float
+
+
+FULL = Settings(
+    teacher_steps=4000,
+    student_steps=1000,
+    batch_size=256,
+    samples_per_class=1000,
+    teacher_lr=1e-3,
+    student_lr=2e-4,
+)
+QUICK = Settings(
+    teacher_steps=1500,
+    student_steps=300,
+    batch_size=128,
+    samples_per_class=300,
+    teacher_lr=1e-3,
+    student_lr=2e-4,
+)
+
+# The base configuration of every toy run, and each student's overrides of it.
+BASE_OVERRIDES = [
+    "model.preset=toy-mlp",
+    "model.toy.hidden_size=128",
+    "model.toy.num_blocks=3",
+    "method.loss.kind=l2",
+    "method.guidance.ratio=0",
+    "train.micro_batch_size=256",
+]
+STUDENTS = {
+    "fm": ["method.objective=fm"],
+    "apex toward_fake": ["method.objective=apex", "method.apex.correction=toward_fake"],
+    "apex away_from_fake": ["method.objective=apex", "method.apex.correction=away_from_fake"],
+    "apex_v0": ["method.objective=apex_v0"],
+    "apex_v0 data-free": [
+        "method.objective=apex_v0",
+        "method.apex_v0.data_free=true",
+        "method.reference.mode=frozen_base",
+    ],
+}
+
+
+def build_config(overrides: list[str], batch_size: int) -> Config:
+    data = apply_overrides(
+        {}, [*BASE_OVERRIDES, f"train.micro_batch_size={batch_size}", *overrides]
+    )
+    return from_dict(Config, data, source="toy experiment")
+
+
+def train(model, config: Config, steps: int, lr: float, seed: int, dropout: float = 0.0):
+    """Train `model` in place with the configured objective; returns the final loss."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    embeddings = class_embeddings()
+    objective = build_objective(config.method)
+    reference = build_reference(
+        config.method.reference.mode, model, config.method.reference.ema_decay
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        labels = torch.randint(
+            0, NUM_CLASSES, (config.train.micro_batch_size,), generator=generator
+        )
+        batch = make_batch(labels, embeddings, generator, dropout)
+        loss, _ = objective(model, batch, reference)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip)
+        optimizer.step()
+        if reference is not None:
+            reference.update(model)
+    return float(loss)
+
+
+def score_samplers(model, samplers: dict, settings: Settings, seed: int) -> dict:
+    """Evaluate each named sampler on the same labels and noise against fresh true samples."""
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(settings.samples_per_class)
+    reference = sample_data(labels, generator)
+    embeddings = class_embeddings()
+    text = embeddings[labels]
+    mask = torch.ones(labels.shape[0], 1, dtype=torch.bool)
+    noise = torch.randn(labels.shape[0], 2, generator=generator)
+    results = {}
+    model.eval()
+    for name, run in samplers.items():
+        points = run(model, noise, text, mask)
+        results[name] = evaluate(points, labels, reference, generator)
+    model.train()
+    return results
+
+
+def teacher_samplers() -> dict:
+    return {
+        "teacher 50 steps": lambda m, z, c, k: sample_euler(m, z, c, k, steps=50),
+        "teacher 1 step": lambda m, z, c, k: sample_euler(m, z, c, k, steps=1),
+    }
+
+
+def student_samplers(name: str) -> dict:
+    return {
+        f"{name} 1 NFE": lambda m, z, c, k: sample(m, z, c, k, nfe=1),
+        f"{name} 2 NFE": lambda m, z, c, k: sample(m, z, c, k, nfe=2),
+    }
+
+
+def run_seed(seed: int, settings: Settings, students: list[str], log) -> dict:
+    torch.manual_seed(seed)
+    teacher_config = build_config(["method.objective=fm"], settings.batch_size)
+    teacher = build_model(teacher_config)
+    started = time.perf_counter()
+    train(teacher, teacher_config, settings.teacher_steps, settings.teacher_lr, seed, dropout=0.1)
+    log(f"seed {seed}: teacher trained in {time.perf_counter() - started:.1f}s")
+    results = score_samplers(teacher, teacher_samplers(), settings, seed)
+    for name in students:
+        config = build_config(STUDENTS[name], settings.batch_size)
+        student = copy.deepcopy(teacher)
+        started = time.perf_counter()
+        train(student, config, settings.student_steps, settings.student_lr, seed + 100)
+        results.update(score_samplers(student, student_samplers(name), settings, seed))
+        log(
+            f"seed {seed}: {name} trained in {time.perf_counter() - started:.1f}s, 1 NFE distance "
+            f"{results[f'{name} 1 NFE']['distance']:.4f}"
+        )
+    return results
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """{row: {metric: (mean, standard deviation)}} over seeds."""
+    summary = {}
+    for row in per_seed[0]:
+        summary[row] = {}
+        for metric in per_seed[0][row]:
+            values = [result[row][metric] for result in per_seed]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[row][metric] = (statistics.fmean(values), spread)
+    return summary
+
+
+def format_table(summary: dict, seeds: int) -> str:
+    teacher_50 = summary["teacher 50 steps"]["distance"][0]
+    lines = [
+        f"| sampler | sliced W2 distance (mean ± sd, {seeds} seeds) | / teacher 50 steps "
+        "| in own class region |",
+        "|---|---|---|---|",
+    ]
+    for row, metrics in summary.items():
+        distance, distance_sd = metrics["distance"]
+        region, region_sd = metrics["in_region"]
+        lines.append(
+            f"| {row} | {distance:.4f} ± {distance_sd:.4f} | {distance / teacher_50:.2f}x "
+            f"| {region:.3f} ± {region_sd:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="number of seeds (teacher and students)"
+    )
+    parser.add_argument("--quick", action="store_true", help="short schedule (the test suite's)")
+    parser.add_argument(
+        "--students",
+        nargs="+",
+        default=list(STUDENTS),
+        choices=list(STUDENTS),
+        metavar="NAME",
+        help=f"students to distil (default: all of {', '.join(STUDENTS)})",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="directory for table.md and results.json"
+    )
+    arguments = parser.parse_args(argv)
+    if arguments.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    settings = QUICK if arguments.quick else FULL
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    per_seed = [
+        run_seed(seed, settings, arguments.students, log) for seed in range(arguments.seeds)
+    ]
+    summary = summarise(per_seed)
+    table = format_table(summary, arguments.seeds)
+    elapsed = time.perf_counter() - started
+    print(table)
+    print(f"\n{arguments.seeds} seed(s), {elapsed:.0f} s")
+    if arguments.out is not None:
+        arguments.out.mkdir(parents=True, exist_ok=True)
+        (arguments.out / "table.md").write_text(table + "\n")
+        record = {
+            "settings": settings.__dict__,
+            "seeds": arguments.seeds,
+            "seconds": elapsed,
+            "summary": summary,
+            "per_seed": per_seed,
+            "student_configs": {
+                name: to_dict(build_config(STUDENTS[name], settings.batch_size).method)
+                for name in arguments.students
+            },
+        }
+        (arguments.out / "results.json").write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
