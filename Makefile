@@ -9,7 +9,8 @@ INSTALLED := $(VENV)/.installed
 $(INSTALLED): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet $$(grep -E '^(setuptools|wheel|torch)==' requirements.txt)
+	$(PY) -m pip install --quiet --no-build-isolation -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(INSTALLED)
 

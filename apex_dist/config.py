@@ -48,7 +48,10 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at
 
 # Model presets that apex_dist.models.build_model knows (kept here so that validation needs no
 # model code).
-MODEL_PRESETS = ("toy-mlp",)
+# Model presets: the toy MLP and the Qwen-Image sizes of `apex_dist.models.qwen_image`
+# (`QWEN_IMAGE_PRESETS`; a test keeps the two lists equal without this module importing torch).
+QWEN_IMAGE_PRESET_NAMES = ("qwen-image-20b", "qwen-image-0.6b", "qwen-image-tiny")
+MODEL_PRESETS = ("toy-mlp", *QWEN_IMAGE_PRESET_NAMES)
 
 
 @dataclass
@@ -191,6 +194,12 @@ class ApexConfig:
         "toward_fake",
         "toward_fake: the consistency target is the fake branch's x-prediction (paper, "
         "literal); away_from_fake: the reflected target, moving along v_real - v_fake (DMD)",
+    )
+    fake_source: Literal["noised_data", "noise"] = option(
+        "noised_data",
+        "noised_data: x_fake = x_t - t*F, the real branch's x-prediction at the sampled t "
+        "(paper, Eq. 11); noise: x_fake = z - F(z, 1, 0, c), the one-step generator from pure "
+        "noise, corrected at its own re-noised samples (released code's reading)",
     )
     target_time: Literal["zero", "t"] = option(
         "zero", "target time tt of the real-branch pass: 0 (one jump to data) or t"

@@ -16,9 +16,11 @@ steps and each student at 1 and 2 NFE.
 from __future__ import annotations
 
 import argparse
-import copy
+import itertools
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -41,6 +43,10 @@ TEXT_DIM = 16
 NEGATIVE_INDEX = NUM_CLASSES
 EMBEDDING_SEED = 1234
 SLICED_PROJECTIONS = 256
+# Training draws batches from a fixed pool of this many true samples per seed.
+POOL_SIZE = 1 << 17
+# Fraction of teacher batches trained on the negative prompt (what classifier-free guidance needs).
+TEACHER_TEXT_DROPOUT = 0.1
 
 
 def class_centers() -> torch.Tensor:
@@ -107,22 +113,28 @@ def class_embeddings() -> torch.Tensor:
     return torch.randn(NUM_CLASSES + 1, 1, TEXT_DIM, generator=generator)
 
 
-def make_batch(
-    labels: torch.Tensor, embeddings: torch.Tensor, generator, dropout: float = 0.0
-) -> dict:
-    """A batch in the objectives' format; `dropout` replaces labels by the negative prompt."""
-    text_labels = labels.clone()
-    if dropout > 0:
-        dropped = torch.rand(labels.shape[0], generator=generator) < dropout
-        text_labels[dropped] = NEGATIVE_INDEX
-    rows = labels.shape[0]
-    return {
-        "latents": sample_data(labels, generator),
-        "text": embeddings[text_labels],
-        "text_mask": torch.ones(rows, 1, dtype=torch.bool),
-        "neg_text": embeddings[NEGATIVE_INDEX : NEGATIVE_INDEX + 1],
-        "neg_text_mask": torch.ones(1, 1, dtype=torch.bool),
-    }
+class DataPool:
+    """A large fixed draw of (label, point) pairs to train from: drawing a batch is one index."""
+
+    def __init__(self, size: int, generator: torch.Generator):
+        self.labels = torch.randint(0, NUM_CLASSES, (size,), generator=generator)
+        self.points = sample_data(self.labels, generator)
+        self.embeddings = class_embeddings()
+
+    def batch(self, rows: int, generator: torch.Generator, dropout: float = 0.0) -> dict:
+        """A batch in the objectives' format; `dropout` replaces text by the negative prompt."""
+        index = torch.randint(0, self.labels.shape[0], (rows,), generator=generator)
+        text_labels = self.labels[index]
+        if dropout > 0:
+            dropped = torch.rand(rows, generator=generator) < dropout
+            text_labels = torch.where(dropped, NEGATIVE_INDEX, text_labels)
+        return {
+            "latents": self.points[index],
+            "text": self.embeddings[text_labels],
+            "text_mask": torch.ones(rows, 1, dtype=torch.bool),
+            "neg_text": self.embeddings[NEGATIVE_INDEX : NEGATIVE_INDEX + 1],
+            "neg_text_mask": torch.ones(1, 1, dtype=torch.bool),
+        }
 
 
 def sliced_wasserstein(first: torch.Tensor, second: torch.Tensor, generator) -> float:
@@ -152,28 +164,31 @@ def evaluate(
 @dataclass
 class Settings:
     teacher_steps: int
-    student_steps: int
-    batch_size: int
-    samples_per_class: int
+    teacher_batch_size: int
     teacher_lr: float
+    student_steps: int
+    student_batch_size: int
     student_lr: float
+    samples_per_class: int
 
 
 FULL = Settings(
-    teacher_steps=4000,
-    student_steps=1000,
-    batch_size=256,
-    samples_per_class=1000,
+    teacher_steps=2500,
+    teacher_batch_size=256,
     teacher_lr=1e-3,
+    student_steps=800,
+    student_batch_size=128,
     student_lr=2e-4,
+    samples_per_class=1000,
 )
 QUICK = Settings(
     teacher_steps=1500,
-    student_steps=300,
-    batch_size=128,
-    samples_per_class=300,
+    teacher_batch_size=128,
     teacher_lr=1e-3,
+    student_steps=300,
+    student_batch_size=128,
     student_lr=2e-4,
+    samples_per_class=300,
 )
 
 # The base configuration of every toy run, and each student's overrides of it.
@@ -189,6 +204,13 @@ STUDENTS = {
     "fm": ["method.objective=fm"],
     "apex toward_fake": ["method.objective=apex", "method.apex.correction=toward_fake"],
     "apex away_from_fake": ["method.objective=apex", "method.apex.correction=away_from_fake"],
+    "apex generator-reading": [
+        "method.objective=apex",
+        "method.apex.fake_source=noise",
+        "method.apex.correction=away_from_fake",
+        "method.apex.target_time=t",
+        "method.apex.detach_fake=true",
+    ],
     "apex_v0": ["method.objective=apex_v0"],
     "apex_v0 data-free": [
         "method.objective=apex_v0",
@@ -205,11 +227,10 @@ def build_config(overrides: list[str], batch_size: int) -> Config:
     return from_dict(Config, data, source="toy experiment")
 
 
-def train(model, config: Config, steps: int, lr: float, seed: int, dropout: float = 0.0):
+def train(model, config: Config, pool: DataPool, steps: int, lr: float, seed: int, dropout=0.0):
     """Train `model` in place with the configured objective; returns the final loss."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    embeddings = class_embeddings()
     objective = build_objective(config.method)
     reference = build_reference(
         config.method.reference.mode, model, config.method.reference.ema_decay
@@ -217,10 +238,7 @@ def train(model, config: Config, steps: int, lr: float, seed: int, dropout: floa
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     loss = torch.zeros(())
     for _ in range(steps):
-        labels = torch.randint(
-            0, NUM_CLASSES, (config.train.micro_batch_size,), generator=generator
-        )
-        batch = make_batch(labels, embeddings, generator, dropout)
+        batch = pool.batch(config.train.micro_batch_size, generator, dropout)
         loss, _ = objective(model, batch, reference)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -228,7 +246,7 @@ def train(model, config: Config, steps: int, lr: float, seed: int, dropout: floa
         optimizer.step()
         if reference is not None:
             reference.update(model)
-    return float(loss)
+    return float(loss.detach())
 
 
 def score_samplers(model, samplers: dict, settings: Settings, seed: int) -> dict:
@@ -263,24 +281,73 @@ def student_samplers(name: str) -> dict:
     }
 
 
-def run_seed(seed: int, settings: Settings, students: list[str], log) -> dict:
+def train_teacher(seed: int, settings: Settings, threads: int = 0) -> tuple[dict, dict]:
+    """Pretrain one seed's teacher with `fm`; returns (its state dict, its scores)."""
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    teacher_config = build_config(["method.objective=fm"], settings.batch_size)
-    teacher = build_model(teacher_config)
+    pool = DataPool(POOL_SIZE, torch.Generator().manual_seed(seed))
+    config = build_config(["method.objective=fm"], settings.teacher_batch_size)
+    teacher = build_model(config)
     started = time.perf_counter()
-    train(teacher, teacher_config, settings.teacher_steps, settings.teacher_lr, seed, dropout=0.1)
+    train(
+        teacher,
+        config,
+        pool,
+        settings.teacher_steps,
+        settings.teacher_lr,
+        seed,
+        dropout=TEACHER_TEXT_DROPOUT,
+    )
     log(f"seed {seed}: teacher trained in {time.perf_counter() - started:.1f}s")
-    results = score_samplers(teacher, teacher_samplers(), settings, seed)
-    for name in students:
-        config = build_config(STUDENTS[name], settings.batch_size)
-        student = copy.deepcopy(teacher)
-        started = time.perf_counter()
-        train(student, config, settings.student_steps, settings.student_lr, seed + 100)
-        results.update(score_samplers(student, student_samplers(name), settings, seed))
-        log(
-            f"seed {seed}: {name} trained in {time.perf_counter() - started:.1f}s, 1 NFE distance "
-            f"{results[f'{name} 1 NFE']['distance']:.4f}"
-        )
+    return teacher.state_dict(), score_samplers(teacher, teacher_samplers(), settings, seed)
+
+
+def train_student(
+    seed: int, name: str, teacher_state: dict, settings: Settings, threads: int = 0
+) -> dict:
+    """Distil one student from the seed's teacher; returns its scores at 1 and 2 NFE."""
+    if threads:
+        torch.set_num_threads(threads)
+    pool = DataPool(POOL_SIZE, torch.Generator().manual_seed(seed))
+    config = build_config(STUDENTS[name], settings.student_batch_size)
+    student = build_model(config)
+    student.load_state_dict(teacher_state)
+    started = time.perf_counter()
+    train(student, config, pool, settings.student_steps, settings.student_lr, seed + 100)
+    results = score_samplers(student, student_samplers(name), settings, seed)
+    log(
+        f"seed {seed}: {name} trained in {time.perf_counter() - started:.1f}s, 1 NFE distance "
+        f"{results[f'{name} 1 NFE']['distance']:.4f}"
+    )
+    return results
+
+
+def run_seeds(seeds: int, settings: Settings, students: list[str], workers: int) -> list[dict]:
+    """Every seed's teacher, then every (seed, student) pair, as jobs over `workers` processes
+    of one thread each (in this process when workers is 1); returns one result dict a seed."""
+    if workers <= 1:
+        teachers = [train_teacher(seed, settings) for seed in range(seeds)]
+        results = [dict(scores) for _, scores in teachers]
+        for seed, name in itertools.product(range(seeds), students):
+            results[seed].update(train_student(seed, name, teachers[seed][0], settings))
+        return results
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers) as processes:
+        teacher_jobs = [
+            processes.apply_async(train_teacher, (seed, settings, 1)) for seed in range(seeds)
+        ]
+        teachers = [job.get() for job in teacher_jobs]
+        results = [dict(scores) for _, scores in teachers]
+        student_jobs = [
+            (
+                seed,
+                processes.apply_async(train_student, (seed, name, teachers[seed][0], settings, 1)),
+            )
+            for seed, name in itertools.product(range(seeds), students)
+        ]
+        for seed, job in student_jobs:
+            results[seed].update(job.get())
     return results
 
 
@@ -313,12 +380,22 @@ def format_table(summary: dict, seeds: int) -> str:
     return "\n".join(lines)
 
 
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--seeds", type=int, default=3, help="number of seeds (teacher and students)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes running seeds in parallel, one thread each (default: the core count)",
     )
     parser.add_argument("--quick", action="store_true", help="short schedule (the test suite's)")
     parser.add_argument(
@@ -336,15 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.seeds < 1:
         parser.error("--seeds must be >= 1")
     settings = QUICK if arguments.quick else FULL
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
     started = time.perf_counter()
-    per_seed = [
-        run_seed(seed, settings, arguments.students, log) for seed in range(arguments.seeds)
-    ]
+    workers = min(arguments.workers, arguments.seeds * max(1, len(arguments.students)))
+    per_seed = run_seeds(arguments.seeds, settings, arguments.students, workers)
     summary = summarise(per_seed)
     table = format_table(summary, arguments.seeds)
     elapsed = time.perf_counter() - started
@@ -360,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "per_seed": per_seed,
             "student_configs": {
-                name: to_dict(build_config(STUDENTS[name], settings.batch_size).method)
+                name: to_dict(build_config(STUDENTS[name], settings.student_batch_size).method)
                 for name in arguments.students
             },
         }

@@ -215,6 +215,11 @@ class Apex(Objective):
     5. L_mix = w(t) |(x_t - t*F) - T_mix|^2, T_mix = (1-lam)*x + lam*T_cons (Eq. 22-24), where
        T_cons = x_t - t*v_fake (toward_fake) or its reflection about sg(x_t - t*F)
        (away_from_fake, the DMD direction v_real - v_fake).
+
+    With ``fake_source: noise`` the fake samples are instead the one-step generator's outputs
+    x_fake = z'' - F(z'', 1, 0, c) (a second gradient pass), and the correction is applied to
+    them at their own re-noised points y = t*z' + (1-t)*sg(x_fake): T_cons = sg(x_fake) +/-
+    (x_hat_fake(y) - x_hat_real(y)), L_mix = (1-lam) * L_sup + lam * |x_fake - T_cons|^2.
     """
 
     name = "apex"
@@ -222,6 +227,7 @@ class Apex(Objective):
     def __init__(self, config: MethodConfig):
         super().__init__(config)
         self.options: ApexConfig = config.apex
+        self.correction_sign = 1.0 if self.options.correction == "toward_fake" else -1.0
 
     def mix_weight(self, t: Tensor) -> Tensor:
         if self.options.mix_time_weight == "one_minus_t_over_t":
@@ -234,7 +240,8 @@ class Apex(Objective):
         data = prepare_batch(batch, needs_latents=True, needs_negative=False)
         x, text, text_mask = data.latents, data.text, data.text_mask
         rows = data.rows
-        all_fake = torch.ones(rows, dtype=torch.bool, device=x.device)
+        real_rows = torch.zeros(rows, dtype=torch.bool, device=x.device)
+        all_fake = ~real_rows
 
         t = self.sample_time(rows, x.device)
         target_time = torch.zeros_like(t) if options.target_time == "zero" else t
@@ -243,28 +250,53 @@ class Apex(Objective):
 
         velocity = predict(model, x_t, t, target_time, text, text_mask)  # real branch, grad
         x_prediction = data_estimate(x_t, t, velocity)
-        x_fake = x_prediction.detach() if options.detach_fake else x_prediction  # Eq. 11
+        if options.fake_source == "noised_data":
+            x_fake = x_prediction  # Eq. 11
+        else:  # the one-step generator from pure noise, a second gradient pass
+            generator_noise = torch.randn_like(x)
+            ones = torch.ones_like(t)
+            x_fake = generator_noise - predict(
+                model, generator_noise, ones, torch.zeros_like(t), text, text_mask, real_rows
+            )
+        x_fake_input = x_fake.detach() if options.detach_fake else x_fake
 
         fake_noise = torch.randn_like(x)
-        x_fake_t = interpolate(x_fake, fake_noise, t)
+        x_fake_t = interpolate(x_fake_input, fake_noise, t)
         fake_velocity = predict(model, x_fake_t, t, t, text, text_mask, all_fake)  # grad
-        loss_fake = self.loss(fake_velocity, velocity_target(x_fake, fake_noise)).mean()  # Eq. 12
+        loss_fake = self.loss(fake_velocity, velocity_target(x_fake_input, fake_noise)).mean()
 
+        weight = self.mix_weight(t)
         with torch.no_grad():
-            fake_at_real = predict(reference, x_t, t, t, text, text_mask, all_fake)  # Eq. 14, 17
-            fake_x_prediction = data_estimate(x_t, t, fake_at_real)
-            if options.correction == "toward_fake":
-                consistency_target = fake_x_prediction
-            else:
-                consistency_target = 2 * x_prediction.detach() - fake_x_prediction
-            mixed_target = (1 - options.mix_ratio) * x + options.mix_ratio * consistency_target
+            if options.fake_source == "noised_data":  # Eq. 14, 17: at the real points
+                fake_estimate = data_estimate(
+                    x_t, t, predict(reference, x_t, t, t, text, text_mask, all_fake)
+                )
+                anchor = x_prediction.detach()
+            else:  # at the generator's own re-noised samples
+                points = x_fake_t.detach()
+                fake_estimate = data_estimate(
+                    points, t, predict(reference, points, t, t, text, text_mask, all_fake)
+                )
+                anchor = x_fake.detach()
+                real_estimate = data_estimate(
+                    points, t, predict(reference, points, t, t, text, text_mask, real_rows)
+                )
+                fake_estimate = anchor + (fake_estimate - real_estimate)
+            consistency_goal = anchor + self.correction_sign * (fake_estimate - anchor)
 
-        per_row_mix = self.loss(x_prediction, mixed_target) * self.mix_weight(t)  # Eq. 22-24
-        loss_mix = per_row_mix.mean()
+        if options.fake_source == "noised_data":  # Eq. 22-24 on the one x-prediction
+            mixed_goal = (1 - options.mix_ratio) * x + options.mix_ratio * consistency_goal
+            loss_mix = (self.loss(x_prediction, mixed_goal) * weight).mean()
+        else:
+            loss_mix = (
+                (1 - options.mix_ratio) * self.loss(x_prediction, x)
+                + options.mix_ratio * self.loss(x_fake, consistency_goal)
+            ) * weight
+            loss_mix = loss_mix.mean()
         loss = options.fake_weight * loss_fake + options.mix_weight * loss_mix  # Eq. 25
         with torch.no_grad():
             loss_supervised = self.loss(x_prediction, x).mean()
-            loss_consistency = self.loss(x_prediction, consistency_target).mean()
+            loss_consistency = self.loss(x_fake, consistency_goal).mean()
         return self.finish(
             loss,
             {
