@@ -2,9 +2,17 @@
 ``model(x_t, t, tt, text, text_mask, fake_rows) -> velocity``; none imports deepspeed."""
 
 from apex_dist.models.conditioning import ConditionShift, DualTimeEmbedding
+from apex_dist.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageTransformer
 from apex_dist.models.toy import ToyVelocityModel
 
-__all__ = ["ConditionShift", "DualTimeEmbedding", "ToyVelocityModel", "build_model"]
+__all__ = [
+    "QWEN_IMAGE_PRESETS",
+    "ConditionShift",
+    "DualTimeEmbedding",
+    "QwenImageTransformer",
+    "ToyVelocityModel",
+    "build_model",
+]
 
 
 def build_model(config):
@@ -21,4 +29,12 @@ def build_model(config):
             shift_bias=shift.bias,
             shift_learnable=shift.learnable,
         )
-    raise ValueError(f"model.preset {config.model.preset!r} is unknown; known presets: toy-mlp")
+    if config.model.preset in QWEN_IMAGE_PRESETS:
+        return QwenImageTransformer.from_preset(
+            config.model.preset,
+            shift_scale=shift.scale,
+            shift_bias=shift.bias,
+            shift_learnable=shift.learnable,
+        )
+    known = ", ".join(["toy-mlp", *QWEN_IMAGE_PRESETS])
+    raise ValueError(f"model.preset {config.model.preset!r} is unknown; known presets: {known}")
