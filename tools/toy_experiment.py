@@ -9,8 +9,8 @@ by the sliced Wasserstein distance to the true class-conditional distributions a
 fraction of samples landing in their own class's region, for the teacher at 50 and 1 Euler
 steps and each student at 1 and 2 NFE.
 
-    python tools/toy_experiment.py --out runs/toy           # full table (about 4 minutes, 2 cores)
-    python tools/toy_experiment.py --quick                  # the shortened run of the tests
+    python tools/toy_experiment.py --out runs/toy    # full table (timings: docs/toy_experiment.md)
+    python tools/toy_experiment.py --quick           # the shortened run of the tests
 """
 
 from __future__ import annotations
