@@ -18,6 +18,9 @@ setup(
     entry_points={
         "console_scripts": [
             "apex-toy-experiment=apex_tools.toy_experiment:main",
+            "apex-make-shards=apex_tools.make_shards:main",
+            "apex-encode-prompts=apex_tools.encode_prompts:main",
+            "apex-convert-checkpoint=apex_tools.convert_checkpoint:main",
         ],
     },
 )

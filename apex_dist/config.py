@@ -71,6 +71,80 @@ class ToyModelConfig:
         ]
 
 
+# LoRA target presets of `apex_dist.models.lora` (`LORA_TARGET_PRESETS`; a test keeps the two
+# lists equal without this module importing torch).
+LORA_TARGET_PRESET_NAMES = ("attention_mlp_time", "attention_mlp", "attention")
+# LoRA initialisations that leave the product B @ A zero, so the model starts as the base.
+LORA_INITIALISATIONS = ("gaussian", "kaiming", "orthogonal")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on the Qwen-Image transformer (method.md section 8; released recipe:
+    rank 64, alpha 64, Gaussian A and zero B, attention + MLPs + timestep embedder)."""
+
+    enabled: bool = option(False, "train LoRA adapters on a frozen base instead of all weights")
+    rank: int = option(64, "r, the rank of every adapter")
+    alpha: float = option(64.0, "alpha; the adapter output is scaled by alpha / rank")
+    init: Literal["gaussian", "kaiming", "orthogonal"] = option(
+        "gaussian",
+        "initialisation, B @ A = 0 for all: gaussian (A ~ N(0, 1/r^2), B = 0; released code), "
+        "kaiming (A Kaiming-uniform, B = 0; peft's default), orthogonal (A, B orthogonal "
+        "halves; needs an even rank)",
+    )
+    targets: Literal["attention_mlp_time", "attention_mlp", "attention"] = option(
+        "attention_mlp_time",
+        "adapted modules: attention (q/k/v/out of both streams), attention_mlp (+ both MLPs), "
+        "attention_mlp_time (+ the timestep embedder; released code)",
+    )
+    dropout: float = option(0.0, "dropout on the adapter input")
+
+    def validate(self, path: str) -> list[str]:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"{path}.rank must be >= 1 (got {self.rank})")
+        if not self.alpha > 0:
+            problems.append(f"{path}.alpha must be > 0 (got {self.alpha})")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"{path}.dropout must be in [0, 1) (got {self.dropout})")
+        if self.init == "orthogonal" and self.rank % 2:
+            problems.append(
+                f"{path}.init orthogonal needs an even rank (got rank {self.rank}): A and B "
+                "take alternate rows of one orthogonal matrix"
+            )
+        return problems
+
+
+# Most text tokens Qwen-Image keeps per prompt (diffusers QwenImagePipeline.tokenizer_max_length;
+# a test keeps it equal to apex_dist.models.text_encoder.QWEN_IMAGE_MAX_TEXT_TOKENS).
+TEXT_MAX_TOKENS = 1024
+
+
+# Attention backends of apex_kernels.attention (kept here so that validation needs no torch).
+ATTENTION_BACKENDS = ("auto", "flash_attn", "cudnn", "flash", "efficient", "math")
+
+
+@dataclass
+class KernelConfig:
+    """Attention backend, fused Triton kernels and compilation (docs/performance.md)."""
+
+    attention_backend: Literal["auto", "flash_attn", "cudnn", "flash", "efficient", "math"] = (
+        option("auto", "attention kernel; auto picks the fastest that supports each call")
+    )
+    fused: bool = option(
+        True, "fused Triton kernels (q/k RMSNorm+rotary, modulation, gated residual) on CUDA"
+    )
+    compile_blocks: bool = option(False, "torch.compile each transformer block")
+
+    def validate(self, path: str) -> list[str]:
+        if self.compile_blocks and self.fused:
+            return [
+                f"{path}.compile_blocks=true needs {path}.fused=false: torch.compile generates "
+                "its own fused kernels and breaks its graph at every Triton launch"
+            ]
+        return []
+
+
 @dataclass
 class ModelConfig:
     preset: str = option("toy-mlp", "model preset name (see apex_dist.models)")
@@ -79,9 +153,21 @@ class ModelConfig:
     )
     dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", "dtype of the frozen/base weights")
     toy: ToyModelConfig = option(ToyModelConfig(), "sizes of the toy MLP (preset toy-mlp)")
+    lora: LoraConfig = option(LoraConfig(), "LoRA adapters (Qwen-Image presets)")
+    text_max_length: int = option(
+        1024, "most text-encoder tokens kept per prompt, 1..1024 (Qwen-Image keeps at most 1024)"
+    )
+    kernels: KernelConfig = option(KernelConfig(), "attention backend and fused kernels")
 
     def validate(self, path: str) -> list[str]:
-        problems = self.toy.validate(f"{path}.toy")
+        problems = self.toy.validate(f"{path}.toy") + self.lora.validate(f"{path}.lora")
+        problems += self.kernels.validate(f"{path}.kernels")
+        if self.lora.enabled and self.preset not in QWEN_IMAGE_PRESET_NAMES:
+            problems.append(
+                f"{path}.lora.enabled needs a Qwen-Image preset (got preset {self.preset!r}): "
+                f"LoRA targets the transformer's linear layers; use one of "
+                f"{', '.join(QWEN_IMAGE_PRESET_NAMES)} or set {path}.lora.enabled=false"
+            )
         if self.preset not in MODEL_PRESETS:
             hint = difflib.get_close_matches(self.preset, MODEL_PRESETS, n=1)
             suggestion = (
@@ -92,6 +178,11 @@ class ModelConfig:
             problems.append(
                 f"{path}.pretrained: directory {self.pretrained!r} does not exist "
                 "(give a local snapshot directory or null)"
+            )
+        if not 1 <= self.text_max_length <= TEXT_MAX_TOKENS:
+            problems.append(
+                f"{path}.text_max_length must be in [1, {TEXT_MAX_TOKENS}] (got "
+                f"{self.text_max_length}): Qwen-Image keeps at most {TEXT_MAX_TOKENS} text tokens"
             )
         return problems
 
@@ -299,10 +390,40 @@ class MethodConfig:
 
 @dataclass
 class DataConfig:
+    """The data stream (apex_dist.data.build_stream; docs/data.md)."""
+
     kind: Literal["toy", "synthetic", "webdataset"] = option(
-        "toy", "toy (2-D classes), synthetic (generated shapes), webdataset (tar shards)"
+        "toy",
+        "toy (2-D classes of tools/toy_experiment.py), synthetic (coloured shapes generated on "
+        "the fly, scored by apex_dist.data.evaluate_images), webdataset (tar shards)",
     )
-    urls: list[str] = option([], "shard paths or brace patterns (webdataset)")
+    urls: list[str] = option(
+        [],
+        "webdataset sources, one entry each: a local path, a brace pattern "
+        "(data/p-{000000..000099}.tar) or pipe:COMMAND writing a tar to stdout",
+    )
+    weights: list[float] = option(
+        [], "mixing weight per entry of urls, by samples (empty: equal weights)"
+    )
+    sample_kind: Literal["prompt", "image_text", "precomputed"] = option(
+        "prompt",
+        "prompt (txt or json caption), image_text (jpg/png/webp + caption), precomputed "
+        "(safetensors text features + mask, optional latents)",
+    )
+    caption_key: str = option("caption", "caption field of json members (when no txt member)")
+    resolution: int = option(512, "image side in pixels (image_text and synthetic)")
+    aspect_buckets: list[float] = option(
+        [], "width/height ratios of image buckets of about resolution^2 pixels (empty: square)"
+    )
+    shuffle_buffer: int = option(1000, "samples per shuffled chunk; 1 keeps the read order")
+    shuffle_shards: int = option(4, "shards open at once per source and reader, interleaved")
+    epoch_samples: int = option(
+        0, "samples per epoch over all ranks; 0: from make_shards' index.json, if found"
+    )
+    max_bad_fraction: float = option(
+        0.01, "stop with an error when more than this fraction of samples is bad"
+    )
+    synthetic_size: int = option(100000, "number of distinct synthetic scenes (kind synthetic)")
     num_workers: int = option(0, "data loader worker processes per rank")
     text_dropout: float = option(0.0, "fraction of rows whose text is replaced by c_neg")
 
@@ -310,6 +431,38 @@ class DataConfig:
         problems = []
         if self.kind == "webdataset" and not self.urls:
             problems.append(f"{path}.urls is empty: kind webdataset needs at least one shard")
+        if self.weights and len(self.weights) != len(self.urls):
+            problems.append(
+                f"{path}.weights has {len(self.weights)} entries but urls has {len(self.urls)}: "
+                "give one weight per source, or none for equal weights"
+            )
+        if any(weight < 0 for weight in self.weights) or (
+            self.weights and not sum(self.weights) > 0
+        ):
+            problems.append(f"{path}.weights must be >= 0 with a positive sum (got {self.weights})")
+        if self.kind == "synthetic" and self.sample_kind == "precomputed":
+            problems.append(
+                f"{path}.sample_kind precomputed is not generated by kind synthetic: use "
+                "prompt or image_text"
+            )
+        # the synthetic scenes use a 4x4 grid of cells whose objects need about 6 pixels
+        minimum_resolution = 32 if self.kind == "synthetic" else 16
+        if self.resolution < minimum_resolution or self.resolution % 16:
+            problems.append(
+                f"{path}.resolution must be a multiple of 16 and >= {minimum_resolution} for kind "
+                f"{self.kind} (got {self.resolution})"
+            )
+        if any(not ratio > 0 for ratio in self.aspect_buckets):
+            problems.append(f"{path}.aspect_buckets must be > 0 (got {self.aspect_buckets})")
+        for name in ("shuffle_buffer", "shuffle_shards", "synthetic_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{path}.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.epoch_samples < 0:
+            problems.append(f"{path}.epoch_samples must be >= 0 (got {self.epoch_samples})")
+        if not 0 <= self.max_bad_fraction <= 1:
+            problems.append(
+                f"{path}.max_bad_fraction must be in [0, 1] (got {self.max_bad_fraction})"
+            )
         if self.num_workers < 0:
             problems.append(f"{path}.num_workers must be >= 0 (got {self.num_workers})")
         if not 0 <= self.text_dropout < 1:
@@ -325,6 +478,10 @@ class OptimizerConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(1.0, "global gradient-norm clip; 0 disables")
     warmup_steps: int = option(0, "linear learning-rate warm-up steps, then constant")
+    schedule: Literal["constant", "cosine"] = option(
+        "constant", "learning rate after the warm-up: constant, or cosine decay to min_lr_ratio"
+    )
+    min_lr_ratio: float = option(0.0, "final learning rate / lr of the cosine schedule")
 
     def validate(self, path: str) -> list[str]:
         problems = []
@@ -335,6 +492,8 @@ class OptimizerConfig:
         for name in ("eps", "weight_decay", "grad_clip", "warmup_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"{path}.{name} must be >= 0 (got {getattr(self, name)})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"{path}.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         return problems
 
 
@@ -345,24 +504,55 @@ class TrainConfig:
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     seed: int = option(0, "base random seed (each rank adds its rank)")
     output_dir: str = option("runs/default", "run directory: resolved config, checkpoints, logs")
+    max_nonfinite_steps: int = option(
+        3, "stop the run after this many optimizer steps in a row skipped for nan/inf"
+    )
 
     def validate(self, path: str) -> list[str]:
         return [
             f"{path}.{name} must be >= 1 (got {getattr(self, name)})"
-            for name in ("steps", "micro_batch_size", "gradient_accumulation_steps")
+            for name in (
+                "steps",
+                "micro_batch_size",
+                "gradient_accumulation_steps",
+                "max_nonfinite_steps",
+            )
             if getattr(self, name) < 1
         ]
 
 
 @dataclass
 class ParallelConfig:
-    zero_stage: Literal[0, 1, 2, 3] = option(3, "DeepSpeed ZeRO stage")
+    zero_stage: Literal[0, 1, 2, 3] = option(
+        3, "DeepSpeed ZeRO stage: 2 (gradients + optimizer states sharded) or 3 (also weights)"
+    )
     offload_optimizer: Literal["none", "cpu", "nvme"] = option("none", "optimizer state offload")
     offload_params: Literal["none", "cpu", "nvme"] = option("none", "parameter offload (ZeRO-3)")
+    nvme_path: str = option("/local_nvme", "directory on a local NVMe drive (nvme offload)")
     activation_checkpointing: int = option(0, "checkpoint every k-th block; 0 disables")
+    hierarchical_partition_size: int = option(
+        1,
+        "ZeRO++ hpZ: ranks holding a secondary weight partition, usually the GPUs per node "
+        "(ZeRO-3 only; 1 disables)",
+    )
 
     def validate(self, path: str) -> list[str]:
         problems = []
+        if self.zero_stage in (0, 1):
+            problems.append(
+                f"{path}.zero_stage {self.zero_stage} is not supported: use 2 (gradients and "
+                "optimizer states sharded) or 3 (weights sharded as well)"
+            )
+        if self.hierarchical_partition_size < 1:
+            problems.append(
+                f"{path}.hierarchical_partition_size must be >= 1 "
+                f"(got {self.hierarchical_partition_size})"
+            )
+        if self.hierarchical_partition_size > 1 and self.zero_stage != 3:
+            problems.append(
+                f"{path}.hierarchical_partition_size={self.hierarchical_partition_size} (ZeRO++ "
+                f"hpZ) needs zero_stage 3 (got {self.zero_stage})"
+            )
         if self.offload_params != "none" and self.zero_stage != 3:
             problems.append(
                 f"{path}.offload_params={self.offload_params!r} needs zero_stage 3 "
@@ -380,7 +570,19 @@ class ParallelConfig:
 class CheckpointConfig:
     every_steps: int = option(0, "save every N steps; 0 saves only at the end")
     keep_last: int = option(2, "number of checkpoints kept")
-    resume: Optional[str] = option(None, "null, 'latest', or a checkpoint directory")
+    resume: Optional[str] = option(
+        None,
+        "null, 'latest' (the newest complete checkpoint of output_dir, or a fresh start when "
+        "there is none), or a checkpoint directory <output_dir>/checkpoints/step_XXXXXXXX",
+    )
+    allow_config_changes: bool = option(
+        False,
+        "resume even when the checkpoint's model settings or world size differ from this run's "
+        "(the differences are still listed)",
+    )
+    save_on_signal: bool = option(
+        True, "on SIGTERM or SIGUSR1 (preemption), save a checkpoint and stop cleanly"
+    )
 
     def validate(self, path: str) -> list[str]:
         problems = []
@@ -397,11 +599,26 @@ class LoggingConfig:
     wandb: Literal["disabled", "offline", "online"] = option("disabled", "wandb mode")
     project: str = option("apex_dist", "wandb project")
     run_name: Optional[str] = option(None, "wandb run name (default: the output directory name)")
+    sample_every_steps: int = option(
+        0, "write a validation grid (student 1 NFE beside the teacher) every N steps; 0 never"
+    )
+    sample_count: int = option(8, "validation prompts per grid")
+    teacher_steps: int = option(50, "Euler steps of the teacher in the validation grid")
+    peak_tflops: float = option(
+        0.0,
+        "peak dense TFLOP/s of one device for MFU; 0 looks the device up (H100/H200/A100 bf16)",
+    )
 
     def validate(self, path: str) -> list[str]:
-        if self.every_steps < 1:
-            return [f"{path}.every_steps must be >= 1 (got {self.every_steps})"]
-        return []
+        problems = [
+            f"{path}.{name} must be >= 1 (got {getattr(self, name)})"
+            for name in ("every_steps", "sample_count", "teacher_steps")
+            if getattr(self, name) < 1
+        ]
+        for name in ("sample_every_steps", "peak_tflops"):
+            if getattr(self, name) < 0:
+                problems.append(f"{path}.{name} must be >= 0 (got {getattr(self, name)})")
+        return problems
 
 
 @dataclass

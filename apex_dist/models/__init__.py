@@ -2,16 +2,48 @@
 ``model(x_t, t, tt, text, text_mask, fake_rows) -> velocity``; none imports deepspeed."""
 
 from apex_dist.models.conditioning import ConditionShift, DualTimeEmbedding
+from apex_dist.models.loading import (
+    CheckpointError,
+    CheckpointMismatchError,
+    build_transformer,
+    load_pretrained_transformer,
+    load_transformer_weights,
+    read_transformer_config,
+)
+from apex_dist.models.lora import (
+    adapters_disabled,
+    apply_lora,
+    from_diffusers_lora,
+    lora_state_dict,
+    to_diffusers_lora,
+)
 from apex_dist.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageTransformer
+from apex_dist.models.text_encoder import QwenTextEncoder
 from apex_dist.models.toy import ToyVelocityModel
+from apex_dist.models.vae import QwenImageVae, pack_latents, unpack_latents
 
 __all__ = [
     "QWEN_IMAGE_PRESETS",
+    "CheckpointError",
+    "CheckpointMismatchError",
     "ConditionShift",
     "DualTimeEmbedding",
     "QwenImageTransformer",
+    "QwenImageVae",
+    "QwenTextEncoder",
     "ToyVelocityModel",
+    "adapters_disabled",
+    "apply_lora",
     "build_model",
+    "build_transformer",
+    "from_diffusers_lora",
+    "load_pretrained_transformer",
+    "load_transformer_weights",
+    "lora_state_dict",
+    "pack_latents",
+    "read_transformer_config",
+    "to_diffusers_lora",
+    "unpack_latents",
 ]
 
 

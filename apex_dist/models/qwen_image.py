@@ -136,8 +136,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """hidden (..., dim) -> (..., dim)."""
+    def forward(self, hidden: Tensor, rotary: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """hidden (..., dim) -> (..., dim).
+
+        With `rotary` = (cos, sin), each (S, dim / 2), hidden is (B, S, heads, dim) and the
+        rotary embedding follows the norm in one fused kernel (`apex_kernels.rms_norm_rotary`);
+        called through the module so that hooks that gather `weight` (ZeRO-3) run.
+        """
+        if rotary is not None:
+            return apex_kernels.rms_norm_rotary(hidden, self.weight, *rotary, self.eps)
         mean_square = hidden.float().pow(2).mean(-1, keepdim=True)
         normalised = hidden * torch.rsqrt(mean_square + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
@@ -312,6 +319,31 @@ def modulate(hidden: Tensor, parameters: Tensor) -> tuple[Tensor, Tensor]:
     return hidden * (1 + scale) + shift, gate
 
 
+def norm_modulate(norm: nn.LayerNorm, hidden: Tensor, parameters: Tensor) -> tuple[Tensor, Tensor]:
+    """`modulate(norm(hidden), parameters)`, as one fused kernel where apex_kernels enables it.
+
+    Args:
+        norm: LayerNorm without affine parameters.
+        hidden: (B, S, D) tokens.
+        parameters: (B, 3D) concatenated (shift, scale, gate).
+    """
+    if apex_kernels.fused_kernels_enabled(hidden):
+        shift, scale, gate = parameters[:, None, :].chunk(3, dim=-1)  # (B, 1, D) each
+        return apex_kernels.layer_norm_modulate(hidden, shift, scale, norm.eps), gate
+    return modulate(norm(hidden), parameters)
+
+
+def gated_residual(residual: Tensor, gate: Tensor, update: Tensor) -> Tensor:
+    """residual + gate * update, as one fused kernel where apex_kernels enables it.
+
+    Args:
+        residual: (B, S, D) stream; gate: (B, 1, D); update: (B, S, D) branch output.
+    """
+    if apex_kernels.fused_kernels_enabled(residual):
+        return apex_kernels.gated_residual(residual, gate, update)
+    return residual + gate * update
+
+
 class JointAttention(nn.Module):
     """Attention over the joint sequence [text tokens, image tokens] with per-stream weights.
 
@@ -366,23 +398,33 @@ class JointAttention(nn.Module):
         def split_heads(hidden: Tensor) -> Tensor:  # (B, S, dim) -> (B, S, heads, head_dim)
             return hidden.unflatten(-1, (self.num_heads, self.head_dim))
 
+        cos, sin = rotary
+        # fused: RMSNorm and rotary in one kernel per stream, at the stream's own positions
+        fused = apex_kernels.fused_kernels_enabled(image)
+        text_positions, image_positions = slice(None, text_tokens), slice(text_tokens, None)
+
+        def norm_heads(norm: RMSNorm, hidden: Tensor, positions: slice) -> Tensor:
+            if fused:
+                return norm(split_heads(hidden), (cos[positions], sin[positions]))
+            return norm(split_heads(hidden))
+
         query = torch.cat(
             [
-                self.norm_added_q(split_heads(self.add_q_proj(text))),
-                self.norm_q(split_heads(self.to_q(image))),
+                norm_heads(self.norm_added_q, self.add_q_proj(text), text_positions),
+                norm_heads(self.norm_q, self.to_q(image), image_positions),
             ],
             dim=1,
         )  # (B, L+N, H, Dh)
         key = torch.cat(
             [
-                self.norm_added_k(split_heads(self.add_k_proj(text))),
-                self.norm_k(split_heads(self.to_k(image))),
+                norm_heads(self.norm_added_k, self.add_k_proj(text), text_positions),
+                norm_heads(self.norm_k, self.to_k(image), image_positions),
             ],
             dim=1,
         )
         value = torch.cat([split_heads(self.add_v_proj(text)), split_heads(self.to_v(image))], 1)
-        cos, sin = rotary
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if not fused:
+            query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         joint = apex_kernels.attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), key_padding_mask
         )  # (B, H, L+N, Dh)
@@ -440,18 +482,18 @@ class QwenImageBlock(nn.Module):
         image_attention_mod, image_mlp_mod = self.img_mod(condition).chunk(2, dim=-1)  # (B, 3D)
         text_attention_mod, text_mlp_mod = self.txt_mod(condition).chunk(2, dim=-1)
 
-        image_input, image_gate = modulate(self.img_norm1(image), image_attention_mod)
-        text_input, text_gate = modulate(self.txt_norm1(text), text_attention_mod)
+        image_input, image_gate = norm_modulate(self.img_norm1, image, image_attention_mod)
+        text_input, text_gate = norm_modulate(self.txt_norm1, text, text_attention_mod)
         image_attention, text_attention = self.attn(
             image_input, text_input, rotary, key_padding_mask
         )
-        image = image + image_gate * image_attention
-        text = text + text_gate * text_attention
+        image = gated_residual(image, image_gate, image_attention)
+        text = gated_residual(text, text_gate, text_attention)
 
-        image_input, image_gate = modulate(self.img_norm2(image), image_mlp_mod)
-        image = image + image_gate * self.img_mlp(image_input)
-        text_input, text_gate = modulate(self.txt_norm2(text), text_mlp_mod)
-        text = text + text_gate * self.txt_mlp(text_input)
+        image_input, image_gate = norm_modulate(self.img_norm2, image, image_mlp_mod)
+        image = gated_residual(image, image_gate, self.img_mlp(image_input))
+        text_input, text_gate = norm_modulate(self.txt_norm2, text, text_mlp_mod)
+        text = gated_residual(text, text_gate, self.txt_mlp(text_input))
 
         if text.dtype == torch.float16:
             text = text.clip(-FP16_MAX, FP16_MAX)

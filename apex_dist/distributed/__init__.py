@@ -1,0 +1,1 @@
+"""Everything that touches deepspeed or torch.distributed (model files never import them)."""

@@ -1,0 +1,752 @@
+"""Export an apex_dist DeepSpeed checkpoint to files that diffusers and ComfyUI load.
+
+Modes (`ExportOptions.mode`):
+
+- ``full``: the whole transformer in diffusers' layout: `config.json`,
+  `diffusion_pytorch_model.safetensors` or `diffusion_pytorch_model-0000k-of-0000N.safetensors`
+  with `diffusion_pytorch_model.safetensors.index.json`. The APEX-only keys (E2
+  `time_text_embed_2.*`, `condition_shift.*`) are left out unless `keep_apex_keys`, because
+  diffusers refuses unknown keys; apex_dist's own loader reads either form.
+- ``lora``: the adapters only: `pytorch_lora_weights.safetensors` in diffusers' format
+  (`transformer.<module>.lora_A.weight` / `lora_B.weight`, rank and alpha in the
+  `lora_adapter_metadata` header entry) and/or `pytorch_lora_weights_comfyui.safetensors`
+  with ComfyUI's native names (`diffusion_model.<module>.lora_down.weight` / `lora_up.weight`
+  / `alpha`). The fully trained APEX tensors (E2, a learnable shift) go to
+  `apex_extra_weights.safetensors` under apex_dist's names.
+- ``merged``: base weights from a local snapshot with W + (alpha / rank) * B @ A folded in,
+  written like ``full``.
+
+Tensors are produced chunk by chunk from the ZeRO partitions (and the base files) straight
+into the output files, so memory stays near one chunk (a row block for merged weights)
+whatever the model size. Output goes to a temporary directory next to the target that is
+renamed only when every file (and, with `verify`, every comparison) succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+
+from apex_dist.export.deepspeed_checkpoint import (
+    DEFAULT_CHUNK_ELEMENTS,
+    DeepSpeedCheckpoint,
+    TensorSource,
+)
+from apex_dist.export.safetensors_io import (
+    OutputTensor,
+    plan_shards,
+    read_safetensors_header,
+    tensor_chunks,
+    write_safetensors,
+)
+from apex_dist.export.torch_archive import CheckpointFormatError, LazyTensor
+from apex_dist.models.lora import to_diffusers_lora
+from apex_dist.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageTransformer, is_apex_key
+
+# diffusers' file names (diffusers/utils/constants.py and loaders/lora_base.py).
+DIFFUSERS_CONFIG_NAME = "config.json"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+DIFFUSERS_SHARD_NAME = "diffusion_pytorch_model-{index:05d}-of-{count:05d}.safetensors"
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+DIFFUSERS_LORA_METADATA_KEY = "lora_adapter_metadata"
+# The prefix diffusers' Qwen-Image pipeline gives the transformer's keys (LoRA metadata too).
+DIFFUSERS_LORA_PREFIX = "transformer."
+# ComfyUI's native LoRA naming: the model's own state-dict prefix for the diffusion model and
+# the lora_down (A) / lora_up (B) / alpha suffixes (comfy/lora.py model_lora_keys_unet maps
+# "diffusion_model.<path>" to the weight "diffusion_model.<path>.weight"; comfy/weight_adapter/
+# lora.py reads "<key>.lora_up.weight", "<key>.lora_down.weight" and "<key>.alpha").
+COMFYUI_LORA_NAME = "pytorch_lora_weights_comfyui.safetensors"
+COMFYUI_PREFIX = "diffusion_model."
+APEX_EXTRA_NAME = "apex_extra_weights.safetensors"
+EXPORT_INFO_NAME = "export_info.json"
+# Default shard size of the full export: diffusers' save_pretrained default is 10 GB; 5 GB
+# keeps each file comfortably below common upload limits.
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+# Rows of the base weight merged at once: bounds the merge's working memory independently of
+# the layer width.
+MERGE_ROW_BLOCK_ELEMENTS = 4 * 1024 * 1024
+# Snapshot subfolder of the transformer in a Hugging Face pipeline snapshot.
+SNAPSHOT_TRANSFORMER_FOLDER = "transformer"
+# peft's LoRA parameter names: <module>.lora_A.<adapter>.weight (also lora_B).
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.(?P<adapter>[^.]+)\.weight$")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelMismatchError(ValueError):
+    """The checkpoint's tensors do not fit the model it is exported as."""
+
+
+@dataclass
+class ExportOptions:
+    """What to export and how (the command-line options of tools/convert_checkpoint.py).
+
+    Attributes:
+        mode: "full", "lora", "merged", or "auto" (lora for LoRA checkpoints, else full).
+        weights: "trained" (the optimizer's fp32 master weights) or "ema".
+        dtype: output dtype name (fp32, bf16, fp16); None: bf16 for full/merged, fp32 for lora.
+        max_shard_bytes: largest safetensors shard of a full/merged export.
+        keep_apex_keys: keep E2 and the condition shift in a full/merged export.
+        lora_formats: "diffusers" and/or "comfyui".
+        base: snapshot (or transformer folder) with the base weights, for mode merged.
+        preset / model_config: the model to check the checkpoint against, overriding the
+            checkpoint's config.yaml.
+        lora_alpha: LoRA alpha, overriding config.yaml's model.lora.alpha.
+        verify: reread every written tensor and compare it with its source.
+        overwrite: replace an existing output directory.
+        chunk_elements: largest piece read or written at once.
+    """
+
+    mode: Literal["auto", "full", "lora", "merged"] = "auto"
+    weights: Literal["trained", "ema"] = "trained"
+    dtype: str | None = None
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    keep_apex_keys: bool = False
+    lora_formats: tuple[str, ...] = ("diffusers",)
+    base: Path | None = None
+    preset: str | None = None
+    model_config: Path | None = None
+    lora_alpha: float | None = None
+    verify: bool = False
+    overwrite: bool = False
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote."""
+
+    output: Path
+    mode: str
+    files: list[str] = field(default_factory=list)
+    tensors: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    verified: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# the model the checkpoint is checked against
+
+
+def _nested(mapping: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict) or key not in mapping:
+            return None
+        mapping = mapping[key]
+    return mapping
+
+
+def snapshot_transformer_folder(path: Path) -> Path:
+    """The folder with config.json and the weights: `path/transformer` or `path` itself."""
+    for candidate in (path / SNAPSHOT_TRANSFORMER_FOLDER, path):
+        if (candidate / DIFFUSERS_CONFIG_NAME).is_file():
+            return candidate
+    raise CheckpointFormatError(
+        f"{path} is not a diffusers transformer snapshot: no {DIFFUSERS_CONFIG_NAME} in it or "
+        f"in {path / SNAPSHOT_TRANSFORMER_FOLDER}"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointFormatError(f"cannot read {path}: {error}") from error
+
+
+def build_reference_model(
+    checkpoint: DeepSpeedCheckpoint, options: ExportOptions
+) -> tuple[QwenImageTransformer, str]:
+    """The model (on the meta device) whose names and shapes the export must match, and a
+    description of where its configuration came from."""
+    run_config = checkpoint.run_config or {}
+    shift = _nested(run_config, "method", "condition_shift") or {}
+    apex_options = {
+        "shift_scale": float(shift.get("scale", -0.5)),
+        "shift_bias": float(shift.get("bias", 1.0)),
+        "shift_learnable": bool(shift.get("learnable", False)),
+    }
+    snapshot = _nested(run_config, "model", "pretrained")
+    preset = _nested(run_config, "model", "preset")
+    if options.model_config is not None:
+        source = ("config", Path(options.model_config), f"--model-config {options.model_config}")
+    elif options.preset is not None:
+        source = ("preset", options.preset, f"--preset {options.preset}")
+    elif options.base is not None:
+        folder = snapshot_transformer_folder(Path(options.base))
+        source = ("config", folder / DIFFUSERS_CONFIG_NAME, f"--base {options.base}")
+    elif snapshot and Path(snapshot).is_dir():
+        folder = snapshot_transformer_folder(Path(snapshot))
+        source = ("config", folder / DIFFUSERS_CONFIG_NAME, "config.yaml model.pretrained")
+    elif preset is not None:
+        source = ("preset", preset, f"config.yaml model.preset={preset}")
+    else:
+        raise ModelMismatchError(
+            f"{checkpoint.tag_directory} has no config.yaml naming the model; pass --preset "
+            f"(one of {', '.join(QWEN_IMAGE_PRESETS)}) or --model-config CONFIG_JSON"
+        )
+    kind, value, description = source
+    with torch.device("meta"):
+        if kind == "config":
+            model = QwenImageTransformer.from_diffusers_config(_read_json(value), **apex_options)
+        elif value in QWEN_IMAGE_PRESETS:
+            model = QwenImageTransformer.from_preset(value, **apex_options)
+        else:
+            raise ModelMismatchError(
+                f"model {value!r} ({description}) cannot be exported to the diffusers layout: "
+                f"only Qwen-Image models can ({', '.join(QWEN_IMAGE_PRESETS)})"
+            )
+    return model, description
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA names
+
+
+@dataclass
+class LoraModule:
+    """One adapted linear layer: its module path and the A (rank, in) / B (out, rank) sources."""
+
+    module: str
+    down: TensorSource
+    up: TensorSource
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+def collect_lora_modules(sources: dict[str, TensorSource]) -> dict[str, LoraModule]:
+    """Group peft's `<module>.lora_A/B.<adapter>.weight` tensors by module."""
+    halves: dict[str, dict[str, TensorSource]] = {}
+    adapters = set()
+    for name, source in sources.items():
+        match = LORA_KEY.match(name)
+        if match is None:
+            continue
+        adapters.add(match["adapter"])
+        halves.setdefault(match["module"], {})[match["side"]] = source
+    if len(adapters) > 1:
+        raise ModelMismatchError(
+            f"the checkpoint holds several LoRA adapters ({', '.join(sorted(adapters))}); "
+            "export supports one"
+        )
+    modules = {}
+    for module, sides in halves.items():
+        if set(sides) != {"A", "B"}:
+            raise ModelMismatchError(f"LoRA module {module} has only lora_{''.join(sides)}")
+        modules[module] = LoraModule(module, sides["A"], sides["B"])
+    return modules
+
+
+def diffusers_lora_names(module: str) -> tuple[str, str]:
+    """diffusers' names of a module's (A, B) LoRA weights, by apex_dist.models.lora's mapping.
+
+    `to_diffusers_lora` renames apex keys one to one (and scales nothing without `alpha`); it
+    is applied to meta tensors, so no data is touched.
+    """
+    apex_down, apex_up = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+    placeholder = torch.empty(0, device="meta")
+    converted = to_diffusers_lora({apex_down: placeholder, apex_up: placeholder})
+    down = [name for name in converted if name.endswith(".lora_A.weight")]
+    up = [name for name in converted if name.endswith(".lora_B.weight")]
+    if len(converted) != 2 or len(down) != 1 or len(up) != 1:
+        raise ModelMismatchError(f"cannot name the LoRA of {module} in diffusers' format")
+    return down[0], up[0]
+
+
+def comfyui_lora_names(module: str) -> tuple[str, str, str]:
+    """ComfyUI's names of a module's (down = A, up = B, alpha) LoRA tensors."""
+    key = f"{COMFYUI_PREFIX}{module}"
+    return f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+
+
+def check_against_model(
+    model: QwenImageTransformer,
+    description: str,
+    trainable: dict[str, TensorSource],
+    buffers: dict[str, TensorSource],
+    lora_modules: dict[str, LoraModule],
+    need_complete: bool,
+) -> None:
+    """Raise ModelMismatchError listing every tensor that does not fit `model`."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    problems = []
+    lora_names = set()
+    for module in lora_modules.values():
+        lora_names.update({module.down.name, module.up.name})
+        weight = expected.get(f"{module.module}.weight")
+        if weight is None or len(weight) != 2:
+            problems.append(f"LoRA on {module.module}: the model has no linear layer there")
+            continue
+        out_features, in_features = weight
+        if tuple(module.down.shape) != (module.rank, in_features) or tuple(module.up.shape) != (
+            out_features,
+            module.rank,
+        ):
+            problems.append(
+                f"LoRA on {module.module}: A {tuple(module.down.shape)} and B "
+                f"{tuple(module.up.shape)} do not fit the weight {weight}"
+            )
+    base_names = {}
+    for name, source in {**buffers, **trainable}.items():
+        if name in lora_names:
+            continue
+        plain = name.replace(".base_layer.", ".")  # peft's wrapped base weights
+        base_names[plain] = source
+        if plain not in expected:
+            problems.append(f"{name}: not a tensor of the model")
+        elif tuple(source.shape) != expected[plain]:
+            problems.append(
+                f"{name}: shape {tuple(source.shape)} in the checkpoint, {expected[plain]} in "
+                "the model"
+            )
+    if need_complete:
+        missing = [name for name in expected if not is_apex_key(name) and name not in base_names]
+        if missing:
+            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+            problems.append(f"{len(missing)} model tensors are not in the checkpoint: {shown}")
+    if problems:
+        raise ModelMismatchError(
+            f"the checkpoint does not match the model from {description}: "
+            + "; ".join(problems)
+            + ". Pass --preset or --model-config for the model the run trained"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# producers
+
+
+def _source_output(name: str, source: TensorSource, dtype: torch.dtype, chunk: int):
+    out_dtype = dtype if source.dtype.is_floating_point else source.dtype
+    return OutputTensor(name, tuple(source.shape), out_dtype, lambda: source.chunks(chunk))
+
+
+def _lazy_output(name: str, tensor: LazyTensor, dtype: torch.dtype, chunk: int):
+    out_dtype = dtype if tensor.dtype.is_floating_point else tensor.dtype
+    return OutputTensor(name, tuple(tensor.shape), out_dtype, lambda: tensor_chunks(tensor, chunk))
+
+
+def merged_rows(
+    base: LazyTensor | TensorSource, module: LoraModule, scale: float, row_block_elements: int
+) -> Iterator[torch.Tensor]:
+    """W + scale * B @ A in fp32, one block of rows at a time."""
+    down = module.down.read().float()  # (rank, in)
+    up = module.up.read().float()  # (out, rank)
+    rows, columns = base.shape
+    block = max(1, row_block_elements // max(columns, 1))
+    for start in range(0, rows, block):
+        count = min(block, rows - start)
+        weight = base.read_range(start * columns, count * columns).view(count, columns).float()
+        yield (weight + (up[start : start + count] @ down) * scale).reshape(-1)
+
+
+def _merged_output(
+    name: str,
+    base: LazyTensor | TensorSource,
+    module: LoraModule,
+    scale: float,
+    dtype: torch.dtype,
+) -> OutputTensor:
+    return OutputTensor(
+        name,
+        tuple(base.shape),
+        dtype,
+        lambda: merged_rows(base, module, scale, MERGE_ROW_BLOCK_ELEMENTS),
+    )
+
+
+def _model_tensor_output(
+    name: str,
+    plain_sources: dict[str, TensorSource],
+    base_tensors: dict[str, LazyTensor],
+    lora_modules: dict[str, LoraModule],
+    alpha: float,
+    dtype: torch.dtype,
+    chunk: int,
+) -> OutputTensor:
+    """A model tensor: the checkpoint's (else the base's), with its LoRA merged if it has one."""
+    base = plain_sources.get(name)
+    module = lora_modules.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+    if module is not None:
+        return _merged_output(
+            name,
+            base if base is not None else base_tensors[name],
+            module,
+            alpha / module.rank,
+            dtype,
+        )
+    if base is not None:
+        return _source_output(name, base, dtype, chunk)
+    return _lazy_output(name, base_tensors[name], dtype, chunk)
+
+
+def read_base_snapshot(path: Path) -> dict[str, LazyTensor]:
+    """The tensors (lazy, no data read) of a diffusers transformer snapshot."""
+    folder = snapshot_transformer_folder(path)
+    index = folder / DIFFUSERS_INDEX_NAME
+    if index.is_file():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    else:
+        files = sorted(item.name for item in folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointFormatError(f"{folder} holds no .safetensors weights")
+    tensors: dict[str, LazyTensor] = {}
+    for file in files:
+        tensors.update(read_safetensors_header(folder / file)[0])
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------
+# the export
+
+
+def _lora_alpha(checkpoint: DeepSpeedCheckpoint, options: ExportOptions, rank: int) -> float:
+    if options.lora_alpha is not None:
+        return float(options.lora_alpha)
+    lora = _nested(checkpoint.run_config, "model", "lora") or {}
+    if "alpha" not in lora:
+        raise ModelMismatchError(
+            f"LoRA alpha unknown: {checkpoint.tag_directory}/config.yaml has no model.lora.alpha; "
+            "pass --lora-alpha (the alpha the run trained with)"
+        )
+    if "rank" in lora and int(lora["rank"]) != rank:
+        raise ModelMismatchError(
+            f"config.yaml model.lora.rank is {lora['rank']} but the checkpoint's adapters have "
+            f"rank {rank}"
+        )
+    return float(lora["alpha"])
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def _write_sharded(
+    directory: Path, outputs: list[OutputTensor], max_shard_bytes: int, report: ExportReport
+) -> dict[str, str]:
+    shards = plan_shards(outputs, max_shard_bytes)
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        name = (
+            DIFFUSERS_WEIGHTS_NAME
+            if len(shards) == 1
+            else DIFFUSERS_SHARD_NAME.format(index=index, count=len(shards))
+        )
+        write_safetensors(directory / name, shard, metadata={"format": "pt"})
+        report.files.append(name)
+        weight_map.update({tensor.name: name for tensor in shard})
+    if len(shards) > 1:
+        total = sum(tensor.byte_size() for tensor in outputs)
+        _write_json(
+            directory / DIFFUSERS_INDEX_NAME,
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
+        report.files.append(DIFFUSERS_INDEX_NAME)
+    report.tensors += len(outputs)
+    report.bytes_written += sum(tensor.byte_size() for tensor in outputs)
+    return weight_map
+
+
+def _verify(directory: Path, file_outputs: dict[str, list[OutputTensor]]) -> None:
+    """Reread each written tensor with the safetensors library and compare it exactly with a
+    fresh production of its source (cast to the output dtype)."""
+    for file_name, outputs in file_outputs.items():
+        with safe_open(directory / file_name, framework="pt") as handle:
+            stored_names = set(handle.keys())
+            expected_names = {tensor.name for tensor in outputs}
+            if stored_names != expected_names:
+                raise CheckpointFormatError(
+                    f"verify: {file_name} holds {len(stored_names)} tensors, expected "
+                    f"{len(expected_names)} (differences: "
+                    f"{sorted(stored_names ^ expected_names)[:5]})"
+                )
+            for tensor in outputs:
+                stored = handle.get_tensor(tensor.name).reshape(-1)
+                position = 0
+                for chunk in tensor.produce():
+                    expected = chunk.reshape(-1).to(tensor.dtype)
+                    written = stored[position : position + expected.numel()]
+                    if not torch.equal(written, expected):
+                        difference = (written.double() - expected.double()).abs().max().item()
+                        raise CheckpointFormatError(
+                            f"verify: {file_name}: tensor {tensor.name} differs from the "
+                            f"checkpoint near element {position} (max abs difference "
+                            f"{difference:.3g})"
+                        )
+                    position += expected.numel()
+                if position != stored.numel():
+                    raise CheckpointFormatError(
+                        f"verify: {file_name}: tensor {tensor.name} has {stored.numel()} "
+                        f"elements, the checkpoint {position}"
+                    )
+                del stored
+
+
+def export_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    output: str | os.PathLike,
+    options: ExportOptions | None = None,
+    tag: str | None = None,
+) -> ExportReport:
+    """Export one checkpoint tag to `output` (a directory created by the export).
+
+    Every input is parsed and checked before anything is written; the files are written into a
+    temporary sibling directory that replaces `output` only when complete.
+    """
+    options = options or ExportOptions()
+    started = time.perf_counter()
+    output = Path(output)
+    if output.exists() and not options.overwrite:
+        raise FileExistsError(
+            f"output directory {output} already exists; remove it or pass --overwrite"
+        )
+    checkpoint = DeepSpeedCheckpoint.open(checkpoint_path, tag)
+    trainable = {**checkpoint.frozen, **checkpoint.parameters}
+    if options.weights == "ema":
+        ema = checkpoint.ema_parameters()
+        missing = sorted(set(checkpoint.parameters) - set(ema))
+        if missing:
+            raise CheckpointFormatError(
+                f"the EMA files of {checkpoint.tag_directory} lack {len(missing)} trainable "
+                f"parameters (e.g. {missing[0]}): they do not belong to this checkpoint"
+            )
+        trainable.update(ema)
+    lora_modules = collect_lora_modules(trainable)
+    mode = options.mode
+    if mode == "auto":
+        mode = "lora" if lora_modules else "full"
+    if mode in ("lora", "merged") and not lora_modules:
+        raise ModelMismatchError(
+            f"mode {mode} needs a LoRA checkpoint, but {checkpoint.tag_directory} has no "
+            "lora_A/lora_B tensors; use --mode full"
+        )
+    if mode == "full" and lora_modules:
+        raise ModelMismatchError(
+            f"{checkpoint.tag_directory} is a LoRA checkpoint (its base weights are not saved); "
+            "use --mode lora, or --mode merged --base SNAPSHOT_DIR for full weights"
+        )
+    if mode == "merged" and options.base is None:
+        raise ModelMismatchError("mode merged needs --base SNAPSHOT_DIR with the base weights")
+    dtype_name = options.dtype or ("fp32" if mode == "lora" else "bf16")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"dtype {dtype_name!r} is unknown; choose one of {', '.join(DTYPES)}")
+    dtype = DTYPES[dtype_name]
+
+    model, description = build_reference_model(checkpoint, options)
+    check_against_model(
+        model, description, trainable, checkpoint.buffers, lora_modules, mode == "full"
+    )
+    chunk = options.chunk_elements
+    lora_names = {
+        name for module in lora_modules.values() for name in (module.down.name, module.up.name)
+    }
+    plain_sources = {
+        name.replace(".base_layer.", "."): source
+        for name, source in {**checkpoint.buffers, **trainable}.items()
+        if name not in lora_names
+    }
+    model_order = list(model.state_dict())
+    report = ExportReport(output=output, mode=mode)
+    file_outputs: dict[str, list[OutputTensor]] = {}
+    info: dict[str, Any] = {
+        "format": "apex_dist.export/1",
+        "source": str(checkpoint.tag_directory),
+        "tag": checkpoint.tag,
+        "global_steps": checkpoint.global_steps,
+        "zero_stage": checkpoint.zero_stage,
+        "world_size": checkpoint.world_size,
+        "weights": options.weights,
+        "mode": mode,
+        "dtype": dtype_name,
+        "model": description,
+    }
+
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+    try:
+        if mode in ("full", "merged"):
+            outputs = []
+            if mode == "full":
+                for name in model_order:
+                    if name in plain_sources and (options.keep_apex_keys or not is_apex_key(name)):
+                        outputs.append(_source_output(name, plain_sources[name], dtype, chunk))
+            else:
+                base_tensors = read_base_snapshot(Path(options.base))
+                expected_shapes = {
+                    name: tuple(tensor.shape) for name, tensor in model.state_dict().items()
+                }
+                problems = [
+                    f"{name} missing"
+                    if name not in base_tensors
+                    else f"{name} has shape {tuple(base_tensors[name].shape)}, expected "
+                    f"{expected_shapes[name]}"
+                    for name in model_order
+                    if not is_apex_key(name)
+                    and name not in plain_sources
+                    and (
+                        name not in base_tensors
+                        or tuple(base_tensors[name].shape) != expected_shapes[name]
+                    )
+                ]
+                if problems:
+                    raise ModelMismatchError(
+                        f"base snapshot {options.base} does not fit the model "
+                        f"({len(problems)} problems, e.g. {'; '.join(problems[:4])}): it is not "
+                        "the model the LoRA was trained on"
+                    )
+                alpha = _lora_alpha(checkpoint, options, next(iter(lora_modules.values())).rank)
+                info["lora_alpha"] = alpha
+                for name in model_order:
+                    if is_apex_key(name) and not (options.keep_apex_keys and name in plain_sources):
+                        continue
+                    outputs.append(
+                        _model_tensor_output(
+                            name, plain_sources, base_tensors, lora_modules, alpha, dtype, chunk
+                        )
+                    )
+            weight_map = _write_sharded(staging, outputs, options.max_shard_bytes, report)
+            for tensor in outputs:
+                file_outputs.setdefault(weight_map[tensor.name], []).append(tensor)
+            _write_json(staging / DIFFUSERS_CONFIG_NAME, model.diffusers_config())
+            report.files.append(DIFFUSERS_CONFIG_NAME)
+            info["apex_keys"] = "kept" if options.keep_apex_keys else "left out"
+        else:
+            ranks = {module.rank for module in lora_modules.values()}
+            if len(ranks) != 1:
+                raise ModelMismatchError(f"LoRA modules have different ranks {sorted(ranks)}")
+            rank = ranks.pop()
+            alpha = _lora_alpha(checkpoint, options, rank)
+            info.update({"lora_rank": rank, "lora_alpha": alpha})
+            # adapters on APEX modules (E2) are folded into the extras file instead: diffusers
+            # and ComfyUI have no such modules
+            modules = [
+                lora_modules[name]
+                for name in sorted(lora_modules)
+                if not is_apex_key(f"{name}.weight")
+            ]
+            unknown_formats = set(options.lora_formats) - {"diffusers", "comfyui"}
+            if unknown_formats or not options.lora_formats:
+                raise ValueError(
+                    f"LoRA formats {sorted(unknown_formats) or '(none)'}: choose diffusers "
+                    "and/or comfyui"
+                )
+            if "diffusers" in options.lora_formats:
+                outputs = []
+                for module in modules:
+                    down_name, up_name = diffusers_lora_names(module.module)
+                    outputs.append(_source_output(down_name, module.down, dtype, chunk))
+                    outputs.append(_source_output(up_name, module.up, dtype, chunk))
+                adapter = {
+                    f"{DIFFUSERS_LORA_PREFIX}r": rank,
+                    f"{DIFFUSERS_LORA_PREFIX}lora_alpha": alpha,
+                    f"{DIFFUSERS_LORA_PREFIX}target_modules": [module.module for module in modules],
+                }
+                metadata = {
+                    "format": "pt",
+                    DIFFUSERS_LORA_METADATA_KEY: json.dumps(adapter, sort_keys=True),
+                }
+                write_safetensors(staging / DIFFUSERS_LORA_NAME, outputs, metadata)
+                file_outputs[DIFFUSERS_LORA_NAME] = outputs
+            if "comfyui" in options.lora_formats:
+                outputs = []
+                for module in modules:
+                    down_name, up_name, alpha_name = comfyui_lora_names(module.module)
+                    outputs.append(_source_output(down_name, module.down, dtype, chunk))
+                    outputs.append(_source_output(up_name, module.up, dtype, chunk))
+                    alpha_value = torch.tensor(alpha, dtype=dtype)
+                    outputs.append(
+                        OutputTensor(alpha_name, (), dtype, lambda value=alpha_value: [value])
+                    )
+                write_safetensors(staging / COMFYUI_LORA_NAME, outputs, {"format": "pt"})
+                file_outputs[COMFYUI_LORA_NAME] = outputs
+            extras = [
+                _model_tensor_output(name, plain_sources, {}, lora_modules, alpha, dtype, chunk)
+                for name in model_order
+                if is_apex_key(name) and name in plain_sources
+            ]
+            if extras:
+                write_safetensors(staging / APEX_EXTRA_NAME, extras, {"format": "pt"})
+                file_outputs[APEX_EXTRA_NAME] = extras
+            for name in file_outputs:
+                report.files.append(name)
+                report.tensors += len(file_outputs[name])
+                report.bytes_written += sum(tensor.byte_size() for tensor in file_outputs[name])
+        if options.verify:
+            _verify(staging, file_outputs)
+            report.verified = True
+        info["files"] = sorted(report.files)
+        _write_json(staging / EXPORT_INFO_NAME, info)
+        report.files.append(EXPORT_INFO_NAME)
+        if output.exists():
+            retired = output.parent / f".{output.name}.replaced-{os.getpid()}"
+            output.rename(retired)
+            staging.rename(output)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '5GB', '500MB', '1.5GiB' or a plain number."""
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 1000,
+        "MB": 1000**2,
+        "GB": 1000**3,
+        "TB": 1000**4,
+        "KIB": 1024,
+        "MIB": 1024**2,
+        "GIB": 1024**3,
+        "TIB": 1024**4,
+    }
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if match is None or match.group(2).upper() not in units:
+        raise ValueError(f"size {text!r} must look like 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * units[match.group(2).upper()])
+
+
+def format_bytes(count: int) -> str:
+    """A human-readable byte count."""
+    for unit, size in (("GB", 1000**3), ("MB", 1000**2), ("kB", 1000)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
+__all__ = [
+    "ExportOptions",
+    "ExportReport",
+    "ModelMismatchError",
+    "comfyui_lora_names",
+    "diffusers_lora_names",
+    "export_checkpoint",
+    "format_bytes",
+    "parse_size",
+]
