@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo toy test lint format clean
 
 $(INSTALLED): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,12 +17,15 @@ $(INSTALLED): requirements.txt setup.py
 install: $(INSTALLED)
 
 demo: $(INSTALLED)
+	$(PY) tools/quickstart.py --out runs/quickstart
+
+toy: $(INSTALLED)
 	$(PY) tools/toy_experiment.py --out runs/toy
 
 test: $(INSTALLED)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check .

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tempfile
 import types
 import typing
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+# Numbers like 1e-4 or -2E+3, which PyYAML's YAML 1.1 resolver leaves as strings.
+FLOAT_WITHOUT_DOT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
 
 
 class ConfigError(ValueError):
@@ -50,7 +54,12 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at
 # model code).
 # Model presets: the toy MLP and the Qwen-Image sizes of `apex_dist.models.qwen_image`
 # (`QWEN_IMAGE_PRESETS`; a test keeps the two lists equal without this module importing torch).
-QWEN_IMAGE_PRESET_NAMES = ("qwen-image-20b", "qwen-image-0.6b", "qwen-image-tiny")
+QWEN_IMAGE_PRESET_NAMES = (
+    "qwen-image-20b",
+    "qwen-image-0.6b",
+    "qwen-image-tiny",
+    "qwen-image-pixels-tiny",
+)
 MODEL_PRESETS = ("toy-mlp", *QWEN_IMAGE_PRESET_NAMES)
 
 
@@ -701,6 +710,9 @@ def _convert(value: Any, annotation: Any, path: str, problems: list[str]) -> Any
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads exponent numbers without a dot, such as 1e-4, as strings.
+        if isinstance(value, str) and FLOAT_WITHOUT_DOT.fullmatch(value.strip()):
             return float(value)
     elif annotation is str:
         if isinstance(value, str):

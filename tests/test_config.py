@@ -93,8 +93,10 @@ def test_dotted_overrides_set_nested_values_with_yaml_types(tmp_path):
             "method.apex.detach_fake=true",
             "optimizer.betas=[0.9, 0.95]",
             "model.pretrained=null",
+            "optimizer.lr=1e-3",
         ],
     )
+    assert config.optimizer.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string; floats accept it
     assert config.method.condition_shift.scale == -1.0
     assert isinstance(config.method.condition_shift.scale, float)
     assert config.method.apex.detach_fake is True
@@ -150,3 +152,9 @@ def test_every_option_has_help():
     assert all(not line.endswith(": ") for line in lines), [
         line for line in lines if line.endswith(": ")
     ]
+
+
+def test_a_string_that_is_not_a_number_is_still_refused_for_a_float_option(tmp_path):
+    path = write(tmp_path, {"optimizer": {"lr": "1e-3x"}})
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        load_config(path)
