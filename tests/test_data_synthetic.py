@@ -8,6 +8,7 @@ import torch
 
 from apex_dist.config import DataConfig
 from apex_dist.data import build_stream, evaluate_images, make_scene, parse_caption, render_scene
+from apex_dist.data.streams import DataStateError
 from apex_dist.data.synthetic import BACKGROUND, write_synthetic_shards
 
 
@@ -127,3 +128,12 @@ def test_toy_stream_gives_objective_batches_and_resumes():
     assert torch.equal(next(iter(resumed))["latents"], first[2]["latents"])
     other_rank = next(iter(build_stream(config, rank=1, world_size=2, micro_batch_size=8, seed=0)))
     assert not torch.equal(other_rank["latents"], first[0]["latents"])
+    synthetic = build_stream(
+        DataConfig(kind="synthetic", synthetic_size=64),
+        rank=0,
+        world_size=2,
+        micro_batch_size=8,
+        seed=0,
+    )
+    with pytest.raises(DataStateError, match="kind"):
+        resumed.load_state_dict(synthetic.state_dict())

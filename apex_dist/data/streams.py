@@ -399,20 +399,17 @@ class WebDatasetStream:
             yield batch
 
 
-class SyntheticStream:
-    """Scenes of the synthetic compositional dataset, generated on the fly (no workers).
+class GeneratedStream:
+    """A stream whose batch b is a pure function of (seed, rank, b): its whole position is the
+    number of batches taken. Subclasses set `kind` and `batches_per_epoch`."""
 
-    Row i of batch b on rank r is scene ((b * world_size + r) * micro_batch_size + i) modulo
-    `synthetic_size`, so an epoch is synthetic_size / (world_size * micro_batch_size) batches.
-    """
+    kind = ""
 
     def __init__(self, data_config, rank: int, world_size: int, micro_batch_size: int, seed: int):
         self.config, self.rank, self.world_size = data_config, rank, world_size
         self.micro_batch_size, self.seed = micro_batch_size, seed
         self.batches = 0
-        self.batches_per_epoch = max(
-            1, data_config.synthetic_size // (world_size * micro_batch_size)
-        )
+        self.batches_per_epoch = 1
 
     @property
     def epoch(self) -> int:
@@ -421,7 +418,7 @@ class SyntheticStream:
     def state_dict(self) -> dict:
         return {
             "format": STATE_FORMAT,
-            "kind": "synthetic",
+            "kind": self.kind,
             "rank": self.rank,
             "world_size": self.world_size,
             "batches": self.batches,
@@ -430,6 +427,22 @@ class SyntheticStream:
     def load_state_dict(self, state: dict) -> None:
         _check_state(state, self.state_dict(), ("kind", "rank", "world_size"))
         self.batches = state["batches"]
+
+
+class SyntheticStream(GeneratedStream):
+    """Scenes of the synthetic compositional dataset, generated on the fly (no workers).
+
+    Row i of batch b on rank r is scene ((b * world_size + r) * micro_batch_size + i) modulo
+    `synthetic_size`, so an epoch is synthetic_size / (world_size * micro_batch_size) batches.
+    """
+
+    kind = "synthetic"
+
+    def __init__(self, data_config, rank: int, world_size: int, micro_batch_size: int, seed: int):
+        super().__init__(data_config, rank, world_size, micro_batch_size, seed)
+        self.batches_per_epoch = max(
+            1, data_config.synthetic_size // (world_size * micro_batch_size)
+        )
 
     def batch(self, batch_index: int) -> dict:
         from apex_dist.data.synthetic import make_scene, render_scene
@@ -457,37 +470,20 @@ class SyntheticStream:
             yield batch
 
 
-class ToyStream:
+class ToyStream(GeneratedStream):
     """The 2-D toy of tools/toy_experiment.py: batches in the objectives' format.
 
     Batch b on rank r is drawn from the toy's data pool with a generator seeded by (seed, r, b).
     """
 
+    kind = "toy"
+
     def __init__(self, data_config, rank: int, world_size: int, micro_batch_size: int, seed: int):
         from apex_tools.toy_experiment import POOL_SIZE, DataPool
 
-        self.config, self.rank, self.world_size = data_config, rank, world_size
-        self.micro_batch_size, self.seed = micro_batch_size, seed
+        super().__init__(data_config, rank, world_size, micro_batch_size, seed)
         self.pool = DataPool(POOL_SIZE, torch.Generator().manual_seed(seed))
-        self.batches = 0
         self.batches_per_epoch = max(1, POOL_SIZE // (world_size * micro_batch_size))
-
-    @property
-    def epoch(self) -> int:
-        return self.batches // self.batches_per_epoch
-
-    def state_dict(self) -> dict:
-        return {
-            "format": STATE_FORMAT,
-            "kind": "toy",
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batches": self.batches,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        _check_state(state, self.state_dict(), ("kind", "rank", "world_size"))
-        self.batches = state["batches"]
 
     def __iter__(self) -> Iterator[dict]:
         while True:
