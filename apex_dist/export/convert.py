@@ -50,6 +50,7 @@ from apex_dist.export.safetensors_io import (
     write_safetensors,
 )
 from apex_dist.export.torch_archive import CheckpointFormatError, LazyTensor
+from apex_dist.models.loading import transformer_directory
 from apex_dist.models.lora import to_diffusers_lora
 from apex_dist.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageTransformer, is_apex_key
 
@@ -76,8 +77,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 # Rows of the base weight merged at once: bounds the merge's working memory independently of
 # the layer width.
 MERGE_ROW_BLOCK_ELEMENTS = 4 * 1024 * 1024
-# Snapshot subfolder of the transformer in a Hugging Face pipeline snapshot.
-SNAPSHOT_TRANSFORMER_FOLDER = "transformer"
 # peft's LoRA parameter names: <module>.lora_A.<adapter>.weight (also lora_B).
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
@@ -148,17 +147,6 @@ def _nested(mapping: Any, *keys: str) -> Any:
     return mapping
 
 
-def snapshot_transformer_folder(path: Path) -> Path:
-    """The folder with config.json and the weights: `path/transformer` or `path` itself."""
-    for candidate in (path / SNAPSHOT_TRANSFORMER_FOLDER, path):
-        if (candidate / DIFFUSERS_CONFIG_NAME).is_file():
-            return candidate
-    raise CheckpointFormatError(
-        f"{path} is not a diffusers transformer snapshot: no {DIFFUSERS_CONFIG_NAME} in it or "
-        f"in {path / SNAPSHOT_TRANSFORMER_FOLDER}"
-    )
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -185,10 +173,10 @@ def build_reference_model(
     elif options.preset is not None:
         source = ("preset", options.preset, f"--preset {options.preset}")
     elif options.base is not None:
-        folder = snapshot_transformer_folder(Path(options.base))
+        folder = transformer_directory(options.base)
         source = ("config", folder / DIFFUSERS_CONFIG_NAME, f"--base {options.base}")
     elif snapshot and Path(snapshot).is_dir():
-        folder = snapshot_transformer_folder(Path(snapshot))
+        folder = transformer_directory(snapshot)
         source = ("config", folder / DIFFUSERS_CONFIG_NAME, "config.yaml model.pretrained")
     elif preset is not None:
         source = ("preset", preset, f"config.yaml model.preset={preset}")
@@ -400,7 +388,7 @@ def _model_tensor_output(
 
 def read_base_snapshot(path: Path) -> dict[str, LazyTensor]:
     """The tensors (lazy, no data read) of a diffusers transformer snapshot."""
-    folder = snapshot_transformer_folder(path)
+    folder = transformer_directory(path)
     index = folder / DIFFUSERS_INDEX_NAME
     if index.is_file():
         files = sorted(set(_read_json(index)["weight_map"].values()))
