@@ -21,6 +21,7 @@ setup(
             "apex-make-shards=apex_tools.make_shards:main",
             "apex-encode-prompts=apex_tools.encode_prompts:main",
             "apex-convert-checkpoint=apex_tools.convert_checkpoint:main",
+            "apex-quickstart=apex_tools.quickstart:main",
         ],
     },
 )

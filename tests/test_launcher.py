@@ -107,7 +107,7 @@ def test_config_errors_of_the_engine_sections_are_reported_together():
 def test_launcher_rejects_a_bad_config_before_starting(tmp_path):
     finished = run_launcher(
         "--config",
-        str(ROOT / "configs" / "quickstart.yaml"),
+        str(ROOT / "configs" / "toy.yaml"),
         "train.stpes=3",
         "parallel.zero_stage=5",
     )
@@ -131,7 +131,7 @@ def test_plain_python_launch_trains_saves_and_resumes(tmp_path):
     output = tmp_path / "run"
     common = [
         "--config",
-        str(ROOT / "configs" / "quickstart.yaml"),
+        str(ROOT / "configs" / "toy.yaml"),
         f"train.output_dir={output}",
         "train.micro_batch_size=16",
         "model.toy.hidden_size=32",

@@ -29,6 +29,8 @@ additions (E2; a learnable shift adds 2):
   width (3584), latent channels and rotary axes, so real text features and latents fit:
   611,698,240 / 613,011,008.
 - `qwen-image-tiny`: tests, 2 blocks of width 32 (2 heads x 16): 89,328 / 98,608.
+- `qwen-image-pixels-tiny`: the quickstart, 4x4 RGB pixel patches per token, 4 blocks of
+  width 64 (2 heads x 32).
 """
 
 from __future__ import annotations
@@ -112,6 +114,18 @@ QWEN_IMAGE_PRESETS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 2,
         "joint_attention_dim": 32,
         "axes_dims_rope": (4, 6, 6),
+    },
+    # The quickstart's pixel-space model: 4x4 RGB pixel patches per token
+    # (apex_dist.models.pixels), the tiny text encoder's width 32 (apex_dist.models.tiny).
+    "qwen-image-pixels-tiny": {
+        "patch_size": 2,
+        "in_channels": 48,
+        "out_channels": 12,
+        "num_layers": 4,
+        "attention_head_dim": 32,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "axes_dims_rope": (8, 12, 12),
     },
 }
 
