@@ -419,9 +419,9 @@ def parse_arguments(argv: list[str] | None = None) -> Settings:
         action="store_true",
         help="pretrain the teacher with fm here instead of using the shipped one",
     )
-    parser.add_argument("--teacher-steps", type=int, default=600, help="fm pretraining steps")
+    parser.add_argument("--teacher-steps", type=int, default=4000, help="fm pretraining steps")
     parser.add_argument("--teacher-lr", type=float, default=1e-3, help="teacher learning rate")
-    parser.add_argument("--student-steps", type=int, default=120, help="APEX steps (2 parts)")
+    parser.add_argument("--student-steps", type=int, default=250, help="APEX steps (2 parts)")
     parser.add_argument("--student-lr", type=float, default=3e-4, help="student learning rate")
     parser.add_argument("--micro-batch-size", type=int, default=32, help="rows per rank")
     parser.add_argument("--evaluation-count", type=int, default=64, help="prompts evaluated")
