@@ -50,6 +50,11 @@ __all__ = [
 def build_model(config):
     """Build the velocity model named by ``config.model.preset`` (a full `Config`)."""
     shift = config.method.condition_shift
+    shift_options = {
+        "shift_scale": shift.scale,
+        "shift_bias": shift.bias,
+        "shift_learnable": shift.learnable,
+    }
     if config.model.preset == "toy-mlp":
         sizes = config.model.toy
         return ToyVelocityModel(
@@ -57,16 +62,9 @@ def build_model(config):
             text_dim=sizes.text_dim,
             hidden_size=sizes.hidden_size,
             num_blocks=sizes.num_blocks,
-            shift_scale=shift.scale,
-            shift_bias=shift.bias,
-            shift_learnable=shift.learnable,
+            **shift_options,
         )
     if config.model.preset in QWEN_IMAGE_PRESETS:
-        return QwenImageTransformer.from_preset(
-            config.model.preset,
-            shift_scale=shift.scale,
-            shift_bias=shift.bias,
-            shift_learnable=shift.learnable,
-        )
+        return QwenImageTransformer.from_preset(config.model.preset, **shift_options)
     known = ", ".join(["toy-mlp", *QWEN_IMAGE_PRESETS])
     raise ValueError(f"model.preset {config.model.preset!r} is unknown; known presets: {known}")
