@@ -4,6 +4,7 @@ Tiny preset, fp32 (one bf16 case), CPU."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -153,8 +154,11 @@ def test_qwen_image_20b_trainable_parameters_at_rank_64_on_meta():
 def test_apply_lora_on_bf16_base_freezes_base_and_trains_fp32_adapters_and_e2():
     model = tiny_model(shift_learnable=True).to(torch.bfloat16)
     inputs = make_inputs(dtype=torch.bfloat16)
+    reference = copy.deepcopy(model)
+    reference.time_text_embed_2.float()  # what apply_lora makes of E2 and the shift
+    reference.condition_shift.float()
     with torch.no_grad():
-        before = run(model, inputs)
+        before = run(reference, inputs)
     counts = apply_lora(model, lora_settings())
     names = dict(model.named_parameters())
     assert not any(name.startswith("base_model") for name in names)  # diffusers paths kept
@@ -163,7 +167,8 @@ def test_apply_lora_on_bf16_base_freezes_base_and_trains_fp32_adapters_and_e2():
         if ".lora_" in name:
             assert parameter.dtype == torch.float32 and parameter.requires_grad, name
         elif name.startswith(("time_text_embed_2.", "condition_shift.")):
-            assert parameter.requires_grad, name
+            # fp32 like the adapters: ZeRO-3 packs all trainable parameters in one dtype
+            assert parameter.dtype == torch.float32 and parameter.requires_grad, name
         else:
             assert parameter.dtype == torch.bfloat16 and not parameter.requires_grad, name
     assert counts["full"] == sum(

@@ -8,7 +8,8 @@ base weight moves to `...to_q.base_layer.weight` and the adapter lives in
 - every base parameter is frozen; adapters are fp32 whatever the base dtype (peft casts a
   layer's input to the adapter dtype and the sum back to the base dtype);
 - the second time embedding E2 (`time_text_embed_2.*`) and a learnable condition shift are
-  trained as full parameters (in the model dtype);
+  trained as full parameters, in fp32 like the adapters (ZeRO-3 needs one dtype for all
+  trainable parameters);
 - `adapters_disabled(model)` turns the model back into the frozen base exactly: adapters off
   and E2 replaced by its value at `apply_lora` time (kept as non-persistent buffers), which
   is what the `frozen_base` reference needs (method.md section 6), at no copy of the model.
@@ -225,14 +226,14 @@ def apply_lora(
         peft_config, model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=on_meta
     )
     counts = {"adapter": 0, "full": 0, "trainable": 0, "frozen": 0}
-    for name, parameter in model.named_parameters():
+    for name, parameter in list(model.named_parameters()):
         elements = getattr(parameter, "ds_numel", parameter.numel())  # full size under ZeRO-3
         if _ADAPTER_KEY.match(name):
             parameter.data = parameter.data.float()  # fp32 adapters on any base dtype
             parameter.requires_grad_(True)
             counts["adapter"] += elements
         elif name.startswith(FULL_PARAMETER_PREFIXES):
-            parameter.requires_grad_(True)
+            _train_in_fp32(model, name, parameter, parameter_context or _no_gather)
             counts["full"] += elements
         else:
             parameter.requires_grad_(False)
@@ -249,6 +250,28 @@ def apply_lora(
         f"{counts['frozen']:,}",
     )
     return counts
+
+
+def _train_in_fp32(
+    model: nn.Module, name: str, parameter: nn.Parameter, parameter_context: ParameterContext
+) -> None:
+    """Make the fully trained parameter `name` (E2, a learnable shift) an fp32 trainable one.
+
+    Every trainable parameter must share one dtype: DeepSpeed's ZeRO-3 optimizer packs them
+    into one flat buffer (and asserts on mixed dtypes), and the adapters are fp32. A parameter
+    that ZeRO-3 already partitioned (created under zero.Init in the base dtype) is gathered and
+    replaced by a plain fp32 parameter, which `deepspeed.initialize` partitions with the
+    adapters.
+    """
+    if not hasattr(parameter, "ds_id"):
+        parameter.data = parameter.data.float()
+        parameter.requires_grad_(True)
+        return
+    with parameter_context(parameter):
+        value = parameter.data.detach().float().clone()
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    owner._parameters[leaf] = nn.Parameter(value, requires_grad=True)
 
 
 def _tuner_layers(model: nn.Module) -> list[nn.Module]:

@@ -216,8 +216,14 @@ class TimeEmbedding(nn.Module):
         self.timestep_embedder = TimestepMLP(TIMESTEP_FEATURES, hidden_size)
 
     def forward(self, time: Tensor, dtype: torch.dtype) -> Tensor:
-        """time (B,) in the model dtype -> (B, hidden_size) in `dtype`."""
-        return self.timestep_embedder(timestep_features(time).to(dtype))
+        """time (B,) in the model dtype -> (B, hidden_size) in `dtype`.
+
+        The MLP runs in its own weights' dtype: the model dtype for E1, fp32 for an E2 trained
+        next to fp32 LoRA adapters on a bf16 base (the same numbers as diffusers whenever the
+        two dtypes agree).
+        """
+        weight_dtype = self.timestep_embedder.linear_1.weight.dtype
+        return self.timestep_embedder(timestep_features(time).to(weight_dtype)).to(dtype)
 
 
 class GeluProjection(nn.Module):

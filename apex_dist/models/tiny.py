@@ -156,3 +156,36 @@ def write_vae_snapshot(snapshot_dir: Path, z_dim: int = 4, seed: int = 0):
     model = build_tiny_vae(z_dim=z_dim, seed=seed)
     model.save_pretrained(Path(snapshot_dir) / "vae")
     return model
+
+
+# The transformer of a tiny snapshot: the `qwen-image-tiny` preset (16 packed channels = the
+# tiny VAE's 4 latent channels in 2x2 patches, text width 32 = the tiny text encoder's).
+TINY_TRANSFORMER_PRESET = "qwen-image-tiny"
+# Standard deviation of the noise added to the tiny transformer's weights, so that norm gains
+# and biases differ from their constant initialisation and every weight matters.
+TINY_WEIGHT_PERTURBATION = 0.1
+
+
+def write_transformer_snapshot(snapshot_dir: Path, seed: int = 0):
+    """Save a random tiny diffusers `QwenImageTransformer2DModel` as `transformer/`."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from apex_dist.models.qwen_image import QWEN_IMAGE_PRESETS
+
+    torch.manual_seed(seed)
+    model = QwenImageTransformer2DModel(**QWEN_IMAGE_PRESETS[TINY_TRANSFORMER_PRESET]).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * TINY_WEIGHT_PERTURBATION)
+    model.save_pretrained(Path(snapshot_dir) / "transformer")
+    return model
+
+
+def write_tiny_snapshot(snapshot_dir: Path, seed: int = 0) -> Path:
+    """A whole tiny Qwen-Image snapshot (transformer/, text_encoder/, tokenizer/, vae/) in the
+    Hugging Face layout, for journeys that run the real loaders end to end."""
+    snapshot_dir = Path(snapshot_dir)
+    write_transformer_snapshot(snapshot_dir, seed=seed)
+    write_text_snapshot(snapshot_dir, seed=seed)
+    write_vae_snapshot(snapshot_dir, seed=seed)
+    return snapshot_dir
