@@ -307,9 +307,20 @@ class ApexConfig:
     mix_time_weight: Literal["one", "one_minus_t_over_t"] = option(
         "one", "per-time weight of L_mix: 1, or w(t) = (1-t)/t (Eq. 16)"
     )
+    data_free: bool = option(
+        False,
+        "train without images (prompt-only data): the supervised target is the model's own "
+        "one-step sample; needs fake_source noise, whose correction needs no data",
+    )
 
     def validate(self, path: str) -> list[str]:
         problems = []
+        if self.data_free and self.fake_source != "noise":
+            problems.append(
+                f"{path}.data_free needs {path}.fake_source=noise (got "
+                f"{self.fake_source!r}): the paper's fake samples are predictions from noised "
+                "data, which prompt-only training does not have"
+            )
         if not 0 <= self.mix_ratio <= 1:
             problems.append(f"{path}.mix_ratio must be in [0, 1] (got {self.mix_ratio})")
         for name in ("fake_weight", "mix_weight"):
@@ -393,6 +404,27 @@ class MethodConfig:
         return problems
 
 
+def image_requirement(method: MethodConfig) -> Optional[str]:
+    """Why `method` needs images or latents in the data, or None when it trains on prompts
+    alone (data-free). The message names the setting to change."""
+    if method.objective == "fm":
+        return (
+            "method.objective=fm learns the velocity of data, so it needs images: use "
+            "method.objective=apex_v0 with method.apex_v0.data_free=true for prompt-only data"
+        )
+    if method.objective == "apex_v0" and not method.apex_v0.data_free:
+        return (
+            "method.objective=apex_v0 trains on data unless method.apex_v0.data_free=true "
+            "(the model's own one-step samples replace the images)"
+        )
+    if method.objective == "apex" and not method.apex.data_free:
+        return (
+            "method.objective=apex trains on data unless method.apex.data_free=true (with "
+            "method.apex.fake_source=noise)"
+        )
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # data, optimizer, train, parallel, checkpoint, logging
 
@@ -420,9 +452,13 @@ class DataConfig:
         "(safetensors text features + mask, optional latents)",
     )
     caption_key: str = option("caption", "caption field of json members (when no txt member)")
-    resolution: int = option(512, "image side in pixels (image_text and synthetic)")
+    resolution: int = option(
+        512, "image side in pixels: images are resized to it; prompt-only data generates it"
+    )
     aspect_buckets: list[float] = option(
-        [], "width/height ratios of image buckets of about resolution^2 pixels (empty: square)"
+        [],
+        "width/height ratios of image buckets of about resolution^2 pixels (empty: square); "
+        "prompt-only data draws one bucket per micro-batch, the same on every rank",
     )
     shuffle_buffer: int = option(1000, "samples per shuffled chunk; 1 keeps the read order")
     shuffle_shards: int = option(4, "shards open at once per source and reader, interleaved")
@@ -613,6 +649,11 @@ class LoggingConfig:
     )
     sample_count: int = option(8, "validation prompts per grid")
     teacher_steps: int = option(50, "Euler steps of the teacher in the validation grid")
+    teacher_guidance_scale: float = option(
+        4.0,
+        "classifier-free guidance scale of the teacher in the validation grid (1 disables; "
+        "4 is Qwen-Image's default true_cfg_scale)",
+    )
     peak_tflops: float = option(
         0.0,
         "peak dense TFLOP/s of one device for MFU; 0 looks the device up (H100/H200/A100 bf16)",
@@ -624,7 +665,7 @@ class LoggingConfig:
             for name in ("every_steps", "sample_count", "teacher_steps")
             if getattr(self, name) < 1
         ]
-        for name in ("sample_every_steps", "peak_tflops"):
+        for name in ("sample_every_steps", "peak_tflops", "teacher_guidance_scale"):
             if getattr(self, name) < 0:
                 problems.append(f"{path}.{name} must be >= 0 (got {getattr(self, name)})")
         return problems
@@ -645,6 +686,10 @@ class Config:
         problems = []
         for section in dataclasses.fields(self):
             problems += getattr(self, section.name).validate(section.name)
+        if self.data.sample_kind == "prompt" and self.data.kind != "toy":
+            requirement = image_requirement(self.method)
+            if requirement is not None:
+                problems.append(f"data.sample_kind=prompt has no images, but {requirement}")
         if self.method.objective == "apex_v0" and self.train.micro_batch_size % 4:
             problems.append(
                 "train.micro_batch_size must be a multiple of 4 for objective apex_v0 "

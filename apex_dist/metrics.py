@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import resource
+import secrets
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +32,48 @@ logger = logging.getLogger("apex_dist")
 PEAK_TFLOPS_BY_DEVICE = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 # Kilobytes per unit of ru_maxrss on Linux.
 MAXRSS_UNIT_BYTES = 1024
+# The run directory's file that holds the run's unique id (wandb's run id).
+RUN_ID_FILE = "run_id"
+# Hex digits of randomness in a run id (after the directory name): 2^32 ids per name.
+RUN_ID_RANDOM_HEX = 8
+# Library warnings that DeepSpeed triggers on every step (it calls collectives torch has
+# deprecated); they would outnumber the progress lines.
+REPEATED_LIBRARY_WARNINGS = (
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+)
+
+
+def quiet_library_output() -> None:
+    """Silence per-step library warnings and the transformers loading bars in training logs."""
+    for pattern in REPEATED_LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def resolve_run_id(output_dir: Path, resume: bool) -> str:
+    """The run's unique id: created at the first start and stored in `<output_dir>/run_id`,
+    read back when the run resumes (checkpoint.resume set), so wandb continues the same run.
+    A fresh start (checkpoint.resume null) gets a new id. Every rank computes it the same way
+    after rank 0 wrote the file (call after a barrier); only rank 0 writes."""
+    import torch.distributed as dist
+
+    path = Path(output_dir) / RUN_ID_FILE
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    if is_main and (not resume or not path.is_file()):
+        name = Path(output_dir).resolve().name or "run"
+        run_id = f"{name}-{secrets.token_hex(RUN_ID_RANDOM_HEX // 2)}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(run_id + "\n")
+        temporary.replace(path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path.read_text().strip()
 
 
 def peak_flops_per_second(config: Config, device: torch.device) -> Optional[float]:
@@ -63,8 +106,16 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger:
     """Accumulates step metrics and reports them every `logging.every_steps` (rank 0)."""
 
-    def __init__(self, config: Config, rank: int, world_size: int, device: torch.device):
+    def __init__(
+        self,
+        config: Config,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        run_id: Optional[str] = None,
+    ):
         self.config = config
+        self.run_id = run_id
         self.is_main = rank == 0
         self.world_size = world_size
         self.device = device
@@ -90,12 +141,12 @@ class MetricsLogger:
         output_dir = Path(self.config.train.output_dir)
         return wandb.init(
             project=self.config.logging.project,
-            name=self.config.logging.run_name or output_dir.name,
+            name=self.config.logging.run_name or output_dir.resolve().name,
             dir=str(output_dir),
             mode=self.config.logging.wandb,
             config=to_dict(self.config),
             resume="allow",
-            id=os.environ.get("WANDB_RUN_ID") or output_dir.name,
+            id=self.run_id,
         )
 
     def start(self) -> None:
@@ -134,6 +185,8 @@ class MetricsLogger:
         remaining = (self.config.train.steps - step) * seconds_per_step
         if self.is_main:
             extra = f" skipped {self.skipped_total}" if self.skipped_total else ""
+            if report.get("truncated_prompts"):
+                extra += f" truncated prompts/step {report['truncated_prompts']:.2g}"
             mfu = f" mfu {report['mfu']:.1%}" if "mfu" in report else ""
             logger.info(
                 "step %d/%d loss %.4g samples/s %.1f%s eta %s%s",
@@ -155,15 +208,31 @@ class MetricsLogger:
         self.last_report = report
         return report
 
-    def log_images(self, step: int, images: dict[str, Any]) -> None:
-        """Log PNG files (name -> path) to wandb (rank 0)."""
+    def log_images(
+        self,
+        step: int,
+        rows: dict[str, list[torch.Tensor]],
+        captions: list[str],
+        grid: Optional[Path] = None,
+    ) -> None:
+        """Log validation images to wandb (rank 0): per sampler row (name -> images (3, H, W)
+        in [0, 1]) one image per prompt with the prompt as its caption, and the grid's PNG."""
         if self.run is None:
             return
         import wandb
 
-        self.run.log(
-            {f"samples/{name}": wandb.Image(str(path)) for name, path in images.items()}, step=step
-        )
+        logged: dict[str, Any] = {
+            f"samples/{name}": [
+                wandb.Image(
+                    (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8"), caption=caption
+                )
+                for image, caption in zip(images, captions, strict=True)
+            ]
+            for name, images in rows.items()
+        }
+        if grid is not None:
+            logged["samples/grid"] = wandb.Image(str(grid), caption=" | ".join(captions))
+        self.run.log(logged, step=step)
 
     def close(self) -> None:
         if self.run is not None:

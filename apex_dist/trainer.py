@@ -25,11 +25,12 @@ from typing import Any, Optional
 
 import numpy
 import torch
-from torch import Tensor
 
 from apex_dist.config import Config, save_config
+from apex_dist.data.prepare import BatchPreparer
 from apex_dist.distributed.checkpoint import CheckpointManager, set_rng_state
 from apex_dist.distributed.engine import TrainingEngine
+from apex_dist.distributed.launcher_watch import LauncherWatch
 from apex_dist.distributed.runtime import (
     PreemptionFlag,
     RankInfo,
@@ -38,18 +39,11 @@ from apex_dist.distributed.runtime import (
     init_distributed,
     logger,
 )
-from apex_dist.method import sample, sample_euler
-from apex_dist.metrics import MetricsLogger
+from apex_dist.metrics import MetricsLogger, quiet_library_output, resolve_run_id
+from apex_dist.validation import ValidationGrid
 
-# Offset of the validation stream's seed from the training seed (a disjoint random stream).
-VALIDATION_SEED_OFFSET = 10_007
 # Rank offset of per-rank seeds (seed + RANK_SEED_STRIDE * rank keeps ranks' streams apart).
 RANK_SEED_STRIDE = 1
-# Side in pixels of one cell of a validation grid drawn from 2-D points.
-POINT_CELL_PIXELS = 128
-# Half-width of the square of the data plane shown for 2-D points (the toy's classes lie
-# within radius 4 + 1.2 of the origin).
-POINT_VIEW_RADIUS = 6.0
 
 StreamFactory = Callable[..., Any]
 
@@ -81,71 +75,6 @@ class TrainSummary:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class BatchPreparer:
-    """Turns a stream batch into an objective batch: text features + mask, latents, the
-    negative prompt's embedding when guidance is on, and `image_shape`.
-
-    Precomputed fields are used as they are; "prompt" rows go through the text encoder and
-    "image" rows through the VAE (both built on first use from model.pretrained)."""
-
-    def __init__(self, config: Config, device: torch.device):
-        self.config = config
-        self.device = device
-        self._text_encoder = None
-        self._vae = None
-        self._negative: Optional[tuple[Tensor, Tensor]] = None
-
-    def text_encoder(self):
-        if self._text_encoder is None:
-            from apex_dist.models.text_encoder import QwenTextEncoder
-
-            if not self.config.model.pretrained:
-                raise ValueError(
-                    "the data has prompts but no text features, and model.pretrained is null: "
-                    "give a snapshot with text_encoder/ and tokenizer/, or precompute features "
-                    "with tools/encode_prompts.py"
-                )
-            self._text_encoder = QwenTextEncoder.from_snapshot(
-                self.config.model.pretrained, device=self.device
-            )
-        return self._text_encoder
-
-    def vae(self):
-        if self._vae is None:
-            from apex_dist.models.vae import QwenImageVae
-
-            self._vae = QwenImageVae.from_snapshot(self.config.model.pretrained, device=self.device)
-        return self._vae
-
-    def negative(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        if self._negative is None:
-            features, mask = self.text_encoder().negative(
-                self.config.method.guidance.negative_prompt
-            )
-            self._negative = (features.to(self.device), mask.to(self.device))
-        return self._negative
-
-    def __call__(self, raw: dict) -> dict:
-        batch = {
-            key: value.to(self.device) if isinstance(value, Tensor) else value
-            for key, value in raw.items()
-        }
-        if "text" not in batch:
-            if "prompt" not in batch:
-                raise KeyError(
-                    f"batch has neither 'text' features nor 'prompt' (keys: {sorted(batch)})"
-                )
-            batch["text"], batch["text_mask"] = self.text_encoder().encode(list(batch["prompt"]))
-        if "latents" not in batch and "image" in batch:
-            batch["latents"], batch["image_shape"] = self.vae().encode(batch["image"])
-        needs_negative = (
-            self.config.method.guidance.ratio > 0 and self.config.method.objective == "apex_v0"
-        )
-        if needs_negative and "neg_text" not in batch:
-            batch["neg_text"], batch["neg_text_mask"] = self.negative(batch["text"])
-        return batch
-
-
 class Trainer:
     """Builds everything of one run and trains it (module doc)."""
 
@@ -156,6 +85,7 @@ class Trainer:
         stream_factory: StreamFactory = default_stream_factory,
     ):
         self.config = config
+        quiet_library_output()
         self.info = info or init_distributed()
         self.output_dir = Path(config.train.output_dir)
         if self.info.is_main:
@@ -173,15 +103,18 @@ class Trainer:
             config.train.micro_batch_size,
             self.rank_seed,
         )
-        self.prepare = BatchPreparer(config, self.info.device)
+        self.prepare = BatchPreparer(config, self.info.device, self.rank_seed)
         self.checkpoints = CheckpointManager(config, self.info)
-        self.metrics = MetricsLogger(config, self.info.rank, self.info.world_size, self.info.device)
+        resume_from = self.checkpoints.resolve_resume()
+        self.run_id = resolve_run_id(self.output_dir, resume=config.checkpoint.resume is not None)
+        self.metrics = MetricsLogger(
+            config, self.info.rank, self.info.world_size, self.info.device, run_id=self.run_id
+        )
+        self.validation = ValidationGrid(self)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Optional[Path] = None
         self._batches: Optional[Iterator[dict]] = None
-        self._validation: Optional[dict] = None
-        resume_from = self.checkpoints.resolve_resume()
         if resume_from is not None:
             self._resume(resume_from)
 
@@ -215,20 +148,29 @@ class Trainer:
     def train(self) -> TrainSummary:
         config = self.config
         preemption = PreemptionFlag().install() if config.checkpoint.save_on_signal else None
+        watch = LauncherWatch.for_this_process(preemption) if preemption is not None else None
         stopped_by = "steps"
         saved_at = -1
         try:
             if config.logging.sample_every_steps and self.step == 0:
-                self.write_validation_grid()
+                self.validation.write(self.step)
             self.metrics.start()
             while self.step < config.train.steps:
                 raw = self.next_batches()
-                batches = [self.prepare(batch) for batch in raw]
+                batches = [
+                    self.prepare(batch, step=self.step, micro_batch=index)
+                    for index, batch in enumerate(raw)
+                ]
                 result = self.engine.train_step(
                     batches, count_flops=self.metrics.flops_per_step is None
                 )
                 self.step += 1
                 self.metrics.set_flops_per_step(result.flops)
+                result.metrics["truncated_prompts"] = float(self.prepare.truncated_prompts)
+                self.prepare.truncated_prompts = 0
+                result.metrics["text_dropped"] = float(
+                    sum(batch.get("text_dropped", 0) for batch in batches)
+                )
                 keys = [key for batch in raw for key in batch.get("key", [])]
                 self.history.append(
                     {
@@ -241,13 +183,18 @@ class Trainer:
                 self.metrics.record(self.step, result.metrics)
                 every = config.logging.sample_every_steps
                 if every and self.step % every == 0:
-                    self.write_validation_grid()
+                    self.validation.write(self.step)
                 if config.checkpoint.every_steps and self.step % config.checkpoint.every_steps == 0:
                     self.save()
                     saved_at = self.step
                 signalled = preemption is not None and preemption.received is not None
                 if preemption is not None and any_rank(signalled, self.info.device):
-                    stopped_by = f"signal {preemption.name}" if signalled else "signal (other rank)"
+                    if not signalled:
+                        stopped_by = "signal (other rank)"
+                    elif preemption.reason is not None:
+                        stopped_by = preemption.reason
+                    else:
+                        stopped_by = f"signal {preemption.name}"
                     logger.warning(
                         "%s received: saving at step %d and stopping", stopped_by, self.step
                     )
@@ -255,6 +202,8 @@ class Trainer:
             if saved_at != self.step:
                 self.save()
         finally:
+            if watch is not None:
+                watch.stop()
             if preemption is not None:
                 preemption.uninstall()
         return TrainSummary(self.step, stopped_by, self.last_checkpoint, self.history)
@@ -263,131 +212,3 @@ class Trainer:
         """Finish wandb and free gathered parameters (the process group stays for the caller)."""
         self.metrics.close()
         self.engine.close()
-
-    # ---- validation grids -------------------------------------------------------------------
-
-    def validation_batch(self) -> dict:
-        """A fixed batch of `logging.sample_count` rows, the same on every rank."""
-        if self._validation is None:
-            count = self.config.logging.sample_count
-            stream = self.stream_factory(
-                self.config, 0, 1, count, self.config.train.seed + VALIDATION_SEED_OFFSET
-            )
-            batch = self.prepare(next(iter(stream)))
-            generator = torch.Generator().manual_seed(
-                self.config.train.seed + VALIDATION_SEED_OFFSET
-            )
-            if "latents" in batch:
-                shape = tuple(batch["latents"].shape)
-            else:  # prompt-only data (data-free mode): the shape of one row's latents
-                shape = (len(batch["text"]), *batch["latent_shape"])
-            batch["noise"] = torch.randn(shape, generator=generator).to(self.info.device)
-            self._validation = batch
-        return self._validation
-
-    def _sample_rows(self, model, batch: dict, teacher: bool) -> Tensor:
-        from apex_dist.distributed.engine import _image_shape
-
-        model.image_shape = _image_shape(batch)
-        text, mask = batch["text"], batch["text_mask"]
-        with self.engine.evaluation():
-            if teacher:
-                return sample_euler(
-                    model, batch["noise"], text, mask, steps=self.config.logging.teacher_steps
-                ).cpu()
-            return sample(model, batch["noise"], text, mask, nfe=1).cpu()
-
-    def write_validation_grid(self) -> Optional[Path]:
-        """Student at 1 NFE beside the teacher (cached from the start of the run) as PNG.
-        Collective: every rank samples (ZeRO gathers), rank 0 writes."""
-        batch = self.validation_batch()
-        directory = self.output_dir / "samples"
-        teacher_file = directory / "teacher_samples.pt"
-        teacher_samples = None
-        if teacher_file.is_file():
-            teacher_samples = torch.load(teacher_file, weights_only=True)
-        else:
-            teacher = self.engine.teacher()
-            if teacher is None and self.step == 0:
-                teacher = self.engine.inference_model()  # the student is still the teacher
-            if teacher is not None:
-                teacher_samples = self._sample_rows(teacher, batch, teacher=True)
-                if self.info.is_main:
-                    directory.mkdir(parents=True, exist_ok=True)
-                    torch.save(teacher_samples, teacher_file)
-        student_samples = self._sample_rows(self.engine.inference_model(), batch, teacher=False)
-        path = None
-        if self.info.is_main:
-            columns = (
-                [student_samples] if teacher_samples is None else [teacher_samples, student_samples]
-            )
-            path = directory / f"step_{self.step:08d}.png"
-            save_grid(columns, batch, path)
-            self.metrics.log_images(self.step, {"student_1nfe_vs_teacher": path})
-        barrier()
-        return path
-
-
-# --------------------------------------------------------------------------------------------
-# pictures
-
-
-def _normalise(image: Tensor) -> Tensor:
-    low, high = image.amin(), image.amax()
-    return ((image - low) / (high - low).clamp(min=1e-6)).clamp(0, 1)
-
-
-def to_pictures(samples: Tensor, batch: dict) -> list[Tensor]:
-    """(3, H, W) images in [0, 1], one per row: 2-D points become a dot in the plane; packed
-    latents are unpacked and their first three channels shown."""
-    from apex_dist.distributed.engine import _image_shape
-
-    if samples.dim() == 2 and samples.shape[1] == 2:
-        pictures = []
-        for point in samples:
-            canvas = torch.ones(3, POINT_CELL_PIXELS, POINT_CELL_PIXELS)
-            column, row = (
-                ((coordinate / POINT_VIEW_RADIUS + 1) / 2 * (POINT_CELL_PIXELS - 1)).round().long()
-                for coordinate in (point[0], -point[1])
-            )
-            if 0 <= column < POINT_CELL_PIXELS and 0 <= row < POINT_CELL_PIXELS:
-                canvas[:, max(0, row - 2) : row + 3, max(0, column - 2) : column + 3] = 0
-            pictures.append(canvas)
-        return pictures
-    shape = _image_shape(batch)
-    if samples.dim() == 3 and shape is not None:
-        _, height, width = shape
-        channels_per_token = samples.shape[-1]
-        patch = 2 if channels_per_token % 4 == 0 else 1
-        channels = channels_per_token // (patch * patch)
-        images = samples.reshape(-1, height, width, channels, patch, patch)
-        images = images.permute(0, 3, 1, 4, 2, 5).reshape(
-            -1, channels, height * patch, width * patch
-        )
-        samples = images
-    if samples.dim() == 4:
-        if samples.shape[1] >= 3:
-            return [_normalise(image[:3]) for image in samples]
-        return [_normalise(image[:1]).expand(3, -1, -1) for image in samples]
-    raise ValueError(f"cannot draw samples of shape {tuple(samples.shape)}")
-
-
-def save_grid(columns: list[Tensor], batch: dict, path: Path) -> None:
-    """One row per validation prompt, one column per sampler; written atomically as PNG."""
-    from PIL import Image
-
-    pictures = [to_pictures(column, batch) for column in columns]
-    rows = len(pictures[0])
-    height, width = pictures[0][0].shape[1:]
-    gap = max(2, width // 32)
-    grid = torch.ones(3, rows * (height + gap), len(columns) * (width + gap))
-    for column_index, column in enumerate(pictures):
-        for row_index, picture in enumerate(column):
-            top, left = row_index * (height + gap), column_index * (width + gap)
-            resized = torch.nn.functional.interpolate(picture[None], size=(height, width))[0]
-            grid[:, top : top + height, left : left + width] = resized
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(temporary, format="PNG")
-    temporary.replace(path)

@@ -20,6 +20,27 @@ import traceback
 
 # Exit code of an invalid configuration (argparse uses 2 for usage errors as well).
 CONFIG_ERROR_EXIT_CODE = 2
+# Variables the ranks of a multi-node `deepspeed --hostfile` run need from the launching shell.
+# DeepSpeed starts remote ranks over ssh with a clean environment and forwards only variables
+# whose names start with its own prefixes (PYTHON, NCCL on CUDA, ...) plus what `.deepspeed_env`
+# lists; these are the ones apex_dist, torch and the libraries it loads read. Secrets
+# (WANDB_API_KEY, HF_TOKEN) are never written: keep them in ~/.netrc or the nodes' environment.
+DEEPSPEED_ENV_VARIABLES = (
+    "DS_ACCELERATOR",
+    "OMP_NUM_THREADS",
+    "TORCH_EXTENSIONS_DIR",
+    "CUDA_HOME",
+    "LD_LIBRARY_PATH",
+    "PATH",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "WANDB_MODE",
+    "WANDB_DIR",
+    "WANDB_ENTITY",
+    "TRITON_CACHE_DIR",
+)
+DEEPSPEED_ENV_FILE = ".deepspeed_env"
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +48,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train an APEX one-step student with DeepSpeed ZeRO.",
         epilog="Overrides are dotted keys: train.steps=200 method.reference.mode=ema",
     )
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--config", help="YAML config file (see configs/); required to train")
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher"
     )
@@ -36,12 +57,43 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="print the generated DeepSpeed JSON for this world size and exit",
     )
+    parser.add_argument(
+        "--write-deepspeed-env",
+        action="store_true",
+        help=f"write {DEEPSPEED_ENV_FILE} here with the variables remote ranks need "
+        "(deepspeed --hostfile) and exit",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
-    return parser.parse_args(argv)
+    arguments = parser.parse_args(argv)
+    if arguments.config is None and not arguments.write_deepspeed_env:
+        parser.error("--config is required (the YAML file of the run, see configs/)")
+    return arguments
+
+
+def write_deepspeed_env(directory: str = ".") -> str:
+    """Write `.deepspeed_env` (NAME=value lines, DeepSpeed's format) with the variables of
+    DEEPSPEED_ENV_VARIABLES set in this shell; return the file's path. Written atomically."""
+    lines = [
+        f"{name}={os.environ[name]}"
+        for name in DEEPSPEED_ENV_VARIABLES
+        if os.environ.get(name) and "\n" not in os.environ[name]
+    ]
+    path = os.path.join(directory, DEEPSPEED_ENV_FILE)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+    os.replace(temporary, path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
+    if arguments.write_deepspeed_env:
+        path = write_deepspeed_env()
+        with open(path) as handle:
+            names = [line.split("=", 1)[0] for line in handle if line.strip()]
+        print(f"wrote {path}: {', '.join(names) or 'nothing (none of the variables is set)'}")
+        return 0
     if arguments.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(arguments.local_rank))
     from apex_dist.config import ConfigError, load_config

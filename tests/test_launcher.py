@@ -155,3 +155,21 @@ def test_plain_python_launch_trains_saves_and_resumes(tmp_path):
     assert "resumed from" in finished.stdout and "at step 3" in finished.stdout
     assert "step 4/4 loss" in finished.stdout
     assert (output / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+def test_launcher_writes_the_environment_file_remote_ranks_need(tmp_path):
+    environment = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
+    environment.pop("OMP_NUM_THREADS", None)
+    finished = subprocess.run(
+        [sys.executable, str(ROOT / "launcher" / "run.py"), "--write-deepspeed-env"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**environment, "WANDB_API_KEY": "secret"},
+        timeout=LAUNCH_TIMEOUT,
+    )
+    assert finished.returncode == 0, finished.stderr
+    lines = (tmp_path / ".deepspeed_env").read_text().splitlines()
+    assert "DS_ACCELERATOR=cpu" in lines and "WANDB_MODE=offline" in lines
+    assert all("=" in line for line in lines)  # DeepSpeed splits each line at its first '='
+    assert not any(line.startswith("WANDB_API_KEY") for line in lines)  # secrets stay out

@@ -186,7 +186,68 @@ def build_training_model(config: Config, info: RankInfo, deepspeed_config: dict)
                 "blocks to checkpoint; set it to 0 for this model"
             )
         model.enable_activation_checkpointing(every)
+    apply_kernels(model, config, info.device)
     return model
+
+
+def apply_kernels(model: nn.Module, config: Config, device: torch.device) -> str:
+    """Apply `model.kernels` (attention backend, fused kernels, compiled blocks) and log what
+    was chosen for this device; a forced attention backend that cannot run here is an error.
+    Returns the logged description."""
+    import importlib.util
+
+    import apex_kernels
+    from apex_kernels.attention import (
+        AttentionCall,
+        choose_backend,
+        detect_availability,
+        unsupported_reason,
+    )
+
+    kernels = config.model.kernels
+    apex_kernels.configure(kernels.attention_backend, kernels.fused)
+    parts = []
+    head_dim = getattr(model, "attention_head_dim", None)
+    if head_dim is None:
+        parts.append(f"attention: none in {type(model).__name__}")
+    else:
+        capability = None
+        if device.type == "cuda":
+            capability = tuple(torch.cuda.get_device_capability(device))
+        dtype = DTYPES[config.model.dtype]
+        call = AttentionCall(device.type, dtype, int(head_dim), False, capability)
+        availability = detect_availability(device.type)
+        backend = kernels.attention_backend
+        if backend == "auto":
+            parts.append(
+                f"attention auto: {choose_backend(call, availability)} for {config.model.dtype} "
+                f"head_dim {head_dim} on {device.type} (chosen per call)"
+            )
+        else:
+            reason = unsupported_reason(backend, call, availability)
+            if reason is not None:
+                raise ValueError(
+                    f"model.kernels.attention_backend={backend!r} cannot run here: {reason}; "
+                    "use auto to let apex_kernels choose"
+                )
+            parts.append(f"attention {backend}")
+    triton_present = importlib.util.find_spec("triton") is not None
+    if kernels.fused and device.type == "cuda" and triton_present:
+        parts.append("fused Triton kernels on")
+    elif kernels.fused:
+        parts.append(f"fused kernels requested, PyTorch reference ops on {device.type}")
+    else:
+        parts.append("fused kernels off")
+    if kernels.compile_blocks:
+        if not isinstance(getattr(model, "transformer_blocks", None), nn.ModuleList):
+            raise ValueError(
+                f"model.kernels.compile_blocks=true but {type(model).__name__} has no "
+                "transformer_blocks to compile; set it to false for this model"
+            )
+        parts.append(f"torch.compile of {apex_kernels.compile_blocks(model)} blocks")
+    description = "; ".join(parts)
+    logger.info("kernels: %s", description)
+    return description
 
 
 def learning_rate_factor(config: Config) -> Callable[[int], float]:

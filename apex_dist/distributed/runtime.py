@@ -20,8 +20,9 @@ import torch.distributed as dist
 logger = logging.getLogger("apex_dist")
 
 # Signals that clusters send before preempting or at the end of a time limit (SLURM's
-# `--signal=USR1@120` sends SIGUSR1; a cancel or preemption sends SIGTERM).
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# `--signal=USR1@120` sends SIGUSR1; a cancel or preemption sends SIGTERM), and Ctrl-C in the
+# launcher's terminal (SIGINT reaches every process of the foreground group).
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,17 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.reason: str | None = None  # set when the stop is not a signal (launcher exited)
         self._previous: dict[int, object] = {}
 
     def _handle(self, signal_number: int, frame) -> None:
         del frame
         self.received = signal_number
+
+    def raise_flag(self, reason: str) -> None:
+        """Stop as for SIGTERM, for `reason` (called from another thread)."""
+        self.reason = reason
+        self.received = signal.SIGTERM
 
     def install(self) -> PreemptionFlag:
         for signal_number in PREEMPTION_SIGNALS:
@@ -123,4 +130,6 @@ class PreemptionFlag:
 
     @property
     def name(self) -> str:
+        if self.reason is not None:
+            return self.reason
         return signal.Signals(self.received).name if self.received else "none"

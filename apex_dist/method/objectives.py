@@ -151,6 +151,21 @@ def one_step_sample(model: VelocityModel, noise: Tensor, text: Tensor, text_mask
     return noise - predict(model, noise, ones, torch.zeros_like(ones), text, text_mask)
 
 
+def noise_like(batch: dict, data: ConditionedBatch) -> Tensor:
+    """A template for the data shape in data-free mode: batch['latent_shape'] or latents."""
+    if data.latents is not None:
+        return data.latents
+    if batch.get("latents") is not None:
+        return batch["latents"].float()
+    shape = batch.get("latent_shape")
+    if shape is None:
+        raise KeyError(
+            "data-free mode needs batch['latent_shape'] (the shape of one row's latents) "
+            "or batch['latents'] to know what to generate"
+        )
+    return data.text.new_empty((data.rows, *shape), dtype=torch.float32)
+
+
 def check_finite(objective: str, terms: dict[str, Tensor]) -> None:
     """Raise NonFiniteLossError when any scalar term is nan or inf (one device sync)."""
     values = torch.stack([value.detach().float() for value in terms.values()])
@@ -216,6 +231,9 @@ class Apex(Objective):
        T_cons = x_t - t*v_fake (toward_fake) or its reflection about sg(x_t - t*F)
        (away_from_fake, the DMD direction v_real - v_fake).
 
+    With ``data_free`` (prompt-only data, needs ``fake_source: noise``) x is the model's own
+    one-step sample sg(z - F(z, 1, 0, c)), as in apex_v0's data-free mode.
+
     With ``fake_source: noise`` the fake samples are instead the one-step generator's outputs
     x_fake = z'' - F(z'', 1, 0, c) (a second gradient pass), and the correction is applied to
     them at their own re-noised points y = t*z' + (1-t)*sg(x_fake): T_cons = sg(x_fake) +/-
@@ -237,8 +255,12 @@ class Apex(Objective):
     def __call__(self, model, batch, reference=None):
         reference = model if reference is None else reference
         options = self.options
-        data = prepare_batch(batch, needs_latents=True, needs_negative=False)
-        x, text, text_mask = data.latents, data.text, data.text_mask
+        data = prepare_batch(batch, needs_latents=not options.data_free, needs_negative=False)
+        text, text_mask = data.text, data.text_mask
+        if options.data_free:  # prompt-only data: the model's own one-step samples stand in
+            x = one_step_sample(model, torch.randn_like(noise_like(batch, data)), text, text_mask)
+        else:
+            x = data.latents
         rows = data.rows
         real_rows = torch.zeros(rows, dtype=torch.bool, device=x.device)
         all_fake = ~real_rows
@@ -408,9 +430,7 @@ class ApexV0(Objective):
         # 2. data: real latents, or the model's own one-step samples (data-free); adv rows always
         #    hold one-step samples and form the fake branch.
         if options.data_free:
-            x = one_step_sample(
-                model, torch.randn_like(self._noise_like(batch, data)), text, text_mask
-            )
+            x = one_step_sample(model, torch.randn_like(noise_like(batch, data)), text, text_mask)
             nograd_rows += rows
         else:
             x = data.latents.clone()
@@ -504,21 +524,6 @@ class ApexV0(Objective):
         terms["loss_distribution"] = loss_distribution
         terms["nograd_batch_equivalents"] = torch.tensor(nograd_rows / rows)
         return self.finish(loss, terms)
-
-    @staticmethod
-    def _noise_like(batch: dict, data: ConditionedBatch) -> Tensor:
-        """A template for the data shape in data-free mode: batch['latent_shape'] or latents."""
-        if data.latents is not None:
-            return data.latents
-        if batch.get("latents") is not None:
-            return batch["latents"].float()
-        shape = batch.get("latent_shape")
-        if shape is None:
-            raise KeyError(
-                "data-free mode needs batch['latent_shape'] (the shape of one row's latents) "
-                "or batch['latents'] to know what to generate"
-            )
-        return data.text.new_empty((data.rows, *shape), dtype=torch.float32)
 
 
 OBJECTIVES = {"fm": FlowMatching, "apex": Apex, "apex_v0": ApexV0}

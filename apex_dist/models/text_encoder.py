@@ -125,6 +125,7 @@ class QwenTextEncoder:
                 QWEN_IMAGE_TEMPLATE_PREFIX_TOKENS,
             )
         self._negative_cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self.last_truncated = 0  # prompts of the last `encode` call cut at max_length
 
     @classmethod
     def from_snapshot(
@@ -182,7 +183,8 @@ class QwenTextEncoder:
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Encode prompts into (features (B, S, D), mask (B, S) bool), S the longest row.
 
-        Features are in the model's dtype on its device, zero where the mask is False.
+        Features are in the model's dtype on its device, zero where the mask is False. Prompts
+        longer than `max_length` tokens are cut there; `last_truncated` counts them.
         """
         if not isinstance(prompts, (list, tuple)) or not all(
             isinstance(prompt, str) for prompt in prompts
@@ -199,6 +201,10 @@ class QwenTextEncoder:
         if not prompts:
             raise ValueError("prompts is empty: give at least one prompt")
         texts = [self.template.format(prompt) for prompt in prompts]
+        lengths_untruncated = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        self.last_truncated = sum(
+            length > self.max_length + self.prefix_tokens for length in lengths_untruncated
+        )
         tokens = self.tokenizer(
             texts,
             max_length=self.max_length + self.prefix_tokens,
