@@ -31,6 +31,10 @@ FLOAT_WITHOUT_DOT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
 # Spellings of infinity and not-a-number that PyYAML leaves as strings (it reads only .inf and
 # .nan as floats); named in the error so that `optimizer.lr=inf` is not just "not a float".
 NON_FINITE_WORD = re.compile(r"[-+]?(inf|infinity|nan)", re.IGNORECASE)
+# Default of data.read_timeout_seconds: how long one read of a shard may wait for data. Object
+# storage answers within seconds and a cold network filesystem within a minute or so; five
+# minutes without a byte means a stalled command or mount, reported instead of waited on.
+DEFAULT_READ_TIMEOUT_SECONDS = 300.0
 # Largest seed: numpy's RandomState takes seeds in [0, 2**32 - 1]; torch.manual_seed accepts
 # up to 2**64 - 1, so per-rank offsets added by the trainer stay valid for torch as well.
 MAX_SEED = 2**32 - 1
@@ -459,6 +463,11 @@ class DataConfig:
     )
     synthetic_size: int = option(100000, "number of distinct synthetic scenes (kind synthetic)")
     num_workers: int = option(0, "data loader worker processes per rank")
+    read_timeout_seconds: float = option(
+        DEFAULT_READ_TIMEOUT_SECONDS,
+        "seconds one read of a shard (file or pipe: command) may wait for data; a stalled "
+        "shard is then skipped as bad, and three stalled shards in a row stop the run",
+    )
     text_dropout: float = option(0.0, "fraction of rows whose text is replaced by c_neg")
 
     def validate(self, path: str) -> list[str]:
@@ -499,6 +508,10 @@ class DataConfig:
             )
         if self.num_workers < 0:
             problems.append(f"{path}.num_workers must be >= 0 (got {self.num_workers})")
+        if not self.read_timeout_seconds > 0:
+            problems.append(
+                f"{path}.read_timeout_seconds must be > 0 (got {self.read_timeout_seconds})"
+            )
         if not 0 <= self.text_dropout < 1:
             problems.append(f"{path}.text_dropout must be in [0, 1) (got {self.text_dropout})")
         return problems

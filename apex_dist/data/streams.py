@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from apex_dist.config import DEFAULT_READ_TIMEOUT_SECONDS
 from apex_dist.data.samples import BadSample, Decoded, SampleDecoder, collate
 from apex_dist.data.sources import RawSample, expand_urls, indexed_sample_count, read_shard
 
@@ -62,6 +63,10 @@ RECENT_BAD_KEPT = 5
 MIN_BATCHES_PER_CHUNK = 4
 # DataLoader batches prefetched per worker.
 PREFETCH_BATCHES = 2
+# Shards in a row whose reads stalled (no data for data.read_timeout_seconds) after which a
+# reader stops the run: one stalled shard is skipped like a corrupt one, but several in a row
+# mean that the storage or the command is down, and waiting on every shard would take hours.
+MAX_STALLED_SHARDS_IN_A_ROW = 3
 
 
 class DataQualityError(RuntimeError):
@@ -116,8 +121,16 @@ class InterleavedReader:
     number and the offset of the next sample, or None for a slot to be filled.
     """
 
-    def __init__(self, plans: list[ShardPlan], weights: list[float], slots: int, state=None):
-        self.plans, self.weights = plans, weights
+    def __init__(
+        self,
+        plans: list[ShardPlan],
+        weights: list[float],
+        slots: int,
+        state=None,
+        read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS,
+    ):
+        self.plans, self.weights, self.read_timeout = plans, weights, read_timeout
+        self.stalled: list[str] = []  # the stalled shards since the last good sample
         # more open shards than a pass has would read one shard twice at once
         self.state = state or {
             "sources": [
@@ -137,7 +150,20 @@ class InterleavedReader:
     def _open(self, source: int, slot: int) -> Iterator[RawSample]:
         slot_state = self.state["sources"][source]["slots"][slot]
         url = self.plans[source].shard(slot_state["visit"])
-        return read_shard(url, skip=slot_state["offset"])
+        return read_shard(url, skip=slot_state["offset"], read_timeout=self.read_timeout)
+
+    def _check_stalls(self, sample: RawSample) -> None:
+        if not sample.stalled:
+            self.stalled = []
+            return
+        self.stalled.append(sample.url)
+        if len(self.stalled) >= MAX_STALLED_SHARDS_IN_A_ROW:
+            raise DataQualityError(
+                f"{len(self.stalled)} shards in a row gave no data for {self.read_timeout:g} s "
+                f"(data.read_timeout_seconds): {', '.join(self.stalled)}; the storage or the "
+                "pipe: command stalled: check that it answers (or raise the timeout for slow "
+                "storage), then resume"
+            )
 
     def draw(self, rng: random.Random) -> RawSample:
         source = rng.choices(range(len(self.plans)), weights=self.weights)[0]
@@ -154,6 +180,7 @@ class InterleavedReader:
                 self.open[(source, slot)] = self._open(source, slot)
             for sample in self.open[(source, slot)]:
                 source_state["slots"][slot]["offset"] = sample.index + 1
+                self._check_stalls(sample)
                 if sample.error is not None:
                     self.open.pop((source, slot)).close()
                     source_state["slots"][slot] = None
@@ -237,6 +264,7 @@ class ReaderStream:
             self.settings["weights"],
             self.settings["shuffle_shards"],
             copy.deepcopy(position["reader"]),
+            self.settings.get("read_timeout_seconds", DEFAULT_READ_TIMEOUT_SECONDS),
         )
         try:
             while True:
@@ -323,6 +351,7 @@ class WebDatasetStream:
             "shuffle_buffer": data_config.shuffle_buffer,
             "shuffle_shards": data_config.shuffle_shards,
             "max_bad_fraction": data_config.max_bad_fraction,
+            "read_timeout_seconds": data_config.read_timeout_seconds,
             "micro_batch_size": micro_batch_size,
             "seed": seed,
             "rank": rank,
@@ -343,9 +372,9 @@ class WebDatasetStream:
         return None if self.batches_per_epoch is None else self.batches // self.batches_per_epoch
 
     def _fingerprint(self) -> str:
-        described = {
-            k: v for k, v in self.settings.items() if k not in ("rank", "max_bad_fraction")
-        }
+        # settings that do not change which samples come in which order
+        ignored = ("rank", "max_bad_fraction", "read_timeout_seconds")
+        described = {k: v for k, v in self.settings.items() if k not in ignored}
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
