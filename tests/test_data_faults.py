@@ -6,11 +6,18 @@ key), never as a hang or a bare crash in collate.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
+import torch
+from corrupt_safetensors import overlap_last_two
+from PIL import Image
+from safetensors.torch import save as save_safetensors
 
 from apex_dist.config import DataConfig
 from apex_dist.data import DataQualityError, build_stream
@@ -153,3 +160,137 @@ def test_a_shard_url_that_names_a_directory_is_a_clear_bad_shard(tmp_path):
     (sample,) = list(read_shard(str(tmp_path / "shards")))
     assert "is a directory, not a tar shard" in sample.error
     assert "brace pattern" in sample.error
+
+
+# --------------------------------------------------------------------------------------------
+# bad precomputed samples: skipped and counted with shard and key, never a collate crash
+
+
+def precomputed(text, mask=None, latents=None, image_shape=(1, 2, 2)) -> bytes:
+    tensors = {"text": text, "text_mask": torch.ones(text.shape[0], dtype=torch.uint8)}
+    if mask is not None:
+        tensors["text_mask"] = mask
+    if latents is not None:
+        tensors["latents"] = latents
+        tensors["image_shape"] = torch.tensor(image_shape)
+    return save_safetensors(tensors)
+
+
+def good_row(index: int) -> bytes:
+    return precomputed(torch.full((3, 6), float(index)), latents=torch.full((4, 3), float(index)))
+
+
+def nan_text() -> bytes:
+    text = torch.zeros(3, 6)
+    text[1, 2] = float("nan")
+    return precomputed(text, latents=torch.zeros(4, 3))
+
+
+def inf_latents() -> bytes:
+    latents = torch.zeros(4, 3)
+    latents[0, 0] = float("inf")
+    return precomputed(torch.zeros(3, 6), latents=latents)
+
+
+def overlapping_member() -> bytes:
+    return overlap_last_two(good_row(0))[0]
+
+
+# key -> (safetensors member, the reason logged for it)
+BAD_PRECOMPUTED = {
+    "row-0005": (lambda: precomputed(torch.zeros(1, 3, 6)), "text must be (S, D)"),
+    "row-0009": (lambda: precomputed(torch.zeros(3, 6, dtype=torch.int64)), "floating point"),
+    "row-0013": (nan_text, "text holds 1 nan or inf value"),
+    "row-0017": (inf_latents, "latents holds 1 nan or inf value"),
+    "row-0021": (lambda: b"\x07not a safetensors file", "safetensors member"),
+    "row-0025": (overlapping_member, "overlaps tensor"),
+    "row-0029": (lambda: good_row(0)[:-5], "safetensors member"),
+    "row-0033": (
+        lambda: precomputed(torch.zeros(3, 5), latents=torch.zeros(4, 3)),
+        "text width 5 differs from the 6 of this stream's first sample",
+    ),
+    "row-0037": (
+        lambda: precomputed(torch.zeros(3, 6), latents=torch.zeros(4, 4)),
+        "latent channels 4 differs from the 3",
+    ),
+    "row-0041": (
+        lambda: precomputed(torch.zeros(3, 6), latents=torch.zeros(5, 3)),
+        "N = frames * h * w = 4 for image_shape [1, 2, 2]",
+    ),
+    "row-0045": (
+        lambda: precomputed(torch.zeros(3, 6), latents=torch.zeros(4, 3), image_shape=(1.0, 2, 2)),
+        "image_shape must be 3 positive integers",
+    ),
+    "row-0049": (
+        lambda: precomputed(torch.zeros(3, 6), mask=torch.ones(3), latents=torch.zeros(4, 3)),
+        "text_mask must be bool or uint8",
+    ),
+    "row-0053": (lambda: precomputed(torch.zeros(0, 6)), "S >= 1"),
+}
+
+
+def write_precomputed_shard(folder: Path, rows=60) -> str:
+    with ShardWriter(folder / "encoded", samples_per_shard=rows) as writer:
+        for index in range(rows):
+            key = f"row-{index:04d}"
+            member = BAD_PRECOMPUTED[key][0]() if key in BAD_PRECOMPUTED else good_row(index)
+            writer.write(key, {"safetensors": member, "txt": f"p{index}".encode()})
+    return str(folder / "encoded-000000.tar")
+
+
+def test_bad_precomputed_samples_are_skipped_and_logged_with_shard_and_key(tmp_path, caplog):
+    url = write_precomputed_shard(tmp_path)
+    config = DataConfig(
+        kind="webdataset",
+        urls=[url],
+        sample_kind="precomputed",
+        shuffle_buffer=1,  # read order: the first row read is a good one
+        max_bad_fraction=0.5,
+    )
+    stream = build_stream(config, 0, 1, 4, seed=0)
+    with caplog.at_level(logging.WARNING, logger="apex_dist.data"):
+        batches = take(stream, 12)  # every row of the shard once (47 good rows, 11 batches)
+    keys = {key for batch in batches for key in batch["key"]}
+    assert keys.isdisjoint(BAD_PRECOMPUTED)
+    for batch in batches:
+        assert torch.isfinite(batch["text"]).all() and torch.isfinite(batch["latents"]).all()
+        assert batch["text"].shape[2] == 6 and batch["latents"].shape[1:] == (4, 3)
+        values = [float(key.split("-")[1]) for key in batch["key"]]
+        assert batch["latents"][:, 0, 0].tolist() == values  # rows keep their own tensors
+    for key, (_, reason) in BAD_PRECOMPUTED.items():
+        assert f"shard encoded-000000.tar, key {key}: " in caplog.text, key
+        line = next(line for line in caplog.text.splitlines() if f"key {key}:" in line)
+        assert reason in line, (key, line)
+    assert stream.stats()["bad"] >= len(BAD_PRECOMPUTED)
+
+
+def test_too_many_bad_precomputed_samples_stop_with_an_error_naming_shard_and_key(tmp_path):
+    url = write_precomputed_shard(tmp_path, rows=120)
+    config = DataConfig(kind="webdataset", urls=[url], sample_kind="precomputed", shuffle_buffer=1)
+    error, _ = run_bounded(lambda: take(build_stream(config, 0, 1, 4, seed=0), 100))
+    assert isinstance(error, DataQualityError), error
+    assert "max_bad_fraction=0.01" in str(error)
+    assert "shard encoded-000000.tar, key row-00" in str(error)
+
+
+def test_images_with_non_finite_pixels_give_finite_rows(tmp_path):
+    """An image member is decoded to 8-bit RGB whatever it holds (here a float TIFF full of nan
+    and inf under a .png name), so image rows are always finite and in [-1, 1]."""
+    pixels = np.full((24, 24), np.nan, dtype=np.float32)
+    pixels[:4] = np.inf
+    pixels[4:8] = -np.inf
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="F").save(buffer, "TIFF")
+    with ShardWriter(tmp_path / "images", samples_per_shard=10) as writer:
+        for index in range(8):
+            writer.write(f"image-{index}", {"png": buffer.getvalue(), "txt": b"a caption"})
+    config = DataConfig(
+        kind="webdataset",
+        urls=[str(tmp_path / "images-000000.tar")],
+        sample_kind="image_text",
+        resolution=16,
+        shuffle_buffer=8,
+    )
+    (batch,) = take(build_stream(config, 0, 1, 4, seed=0), 1)
+    assert torch.isfinite(batch["image"]).all()
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1

@@ -256,6 +256,19 @@ class ReaderStream:
             raise BadSample(sample.error)
         return self.decoder(sample.key, sample.members)
 
+    @staticmethod
+    def _check_widths(widths: dict, row: Decoded, sample: RawSample) -> None:
+        """Rows of a stream share their text width and latent channels (`Decoded.widths`):
+        the first row read sets them (kept in the position, so a resume keeps them too)."""
+        for name, value in row.widths.items():
+            if name not in widths:
+                widths[name] = [value, sample.describe()]
+            elif widths[name][0] != value:
+                raise BadSample(
+                    f"{name} {value} differs from the {widths[name][0]} of this stream's first "
+                    f"sample ({widths[name][1]}): all samples need the same encoder"
+                )
+
     def batches(self) -> Iterator[tuple[dict, dict]]:
         """Endless (batch, position after the batch) pairs."""
         position = copy.deepcopy(self.position)
@@ -275,11 +288,13 @@ class ReaderStream:
                 for bucket, positions in position["pending"].items():
                     buckets[bucket] = [(index, self._decode(samples[index])) for index in positions]
                 stats = position["stats"]
+                widths = position.setdefault("widths", {})
                 for index in range(position["scan"], len(samples)):
                     sample = samples[index]
                     stats["seen"] += 1
                     try:
                         row = self._decode(sample)
+                        self._check_widths(widths, row, sample)
                     except BadSample as error:
                         self._count_bad(stats, sample, str(error))
                         continue
@@ -295,6 +310,7 @@ class ReaderStream:
                                 name: [entry[0] for entry in rows] for name, rows in buckets.items()
                             },
                             "stats": copy.deepcopy(stats),
+                            "widths": copy.deepcopy(widths),
                         }
                         yield collate([entry[1] for entry in waiting]), after
                 stats["dropped"] += sum(len(rows) for rows in buckets.values())
@@ -304,6 +320,7 @@ class ReaderStream:
                     "scan": 0,
                     "pending": {},
                     "stats": stats,
+                    "widths": widths,
                 }
         finally:
             reader.close()
