@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from corrupt_safetensors import overlap_last_two
 from PIL import Image
@@ -294,3 +295,93 @@ def test_images_with_non_finite_pixels_give_finite_rows(tmp_path):
     (batch,) = take(build_stream(config, 0, 1, 4, seed=0), 1)
     assert torch.isfinite(batch["image"]).all()
     assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# no sample twice in a micro-batch; readers split by sample never share a sample
+
+
+def reader_keys(config, ranks, workers, batches_per_rank, micro_batch_size):
+    """{(rank, worker): [batch key lists]} from real DataLoader workers, fresh streams (batch b
+    of a rank comes from worker b % workers), with a resume after an odd batch on rank 0."""
+    found = {(rank, worker): [] for rank in range(ranks) for worker in range(workers)}
+    for rank in range(ranks):
+        stream = build_stream(config, rank, ranks, micro_batch_size, seed=5)
+        head = take(stream, 3)
+        resumed = build_stream(config, rank, ranks, micro_batch_size, seed=5)
+        resumed.load_state_dict(stream.state_dict())
+        batches = head + take(resumed, batches_per_rank - 3)
+        for index, batch in enumerate(batches):
+            found[(rank, index % workers)].append(batch["key"])
+    return found
+
+
+@pytest.mark.parametrize("shuffle_buffer", [1, 16, 1000])
+def test_two_ranks_two_workers_never_repeat_a_sample_in_a_batch_or_across_readers(
+    tmp_path, shuffle_buffer
+):
+    # 3 shards for 4 readers: split by sample, each reader keeps every 4th sample (9 per pass)
+    write_prompt_shards(tmp_path, shards=3, per_shard=12)
+    config = DataConfig(
+        kind="webdataset",
+        urls=[str(tmp_path / "prompts-{000000..000002}.tar")],
+        num_workers=2,
+        shuffle_buffer=shuffle_buffer,
+    )
+    found = reader_keys(config, ranks=2, workers=2, batches_per_rank=10, micro_batch_size=4)
+    for (rank, worker), batches in found.items():
+        for keys in batches:
+            assert len(set(keys)) == len(keys), (rank, worker, keys)  # distinct in a micro-batch
+        # reader rank * 2 + worker keeps every 4th sample of each shard (12 per shard), so the
+        # four readers never share a sample, in a pass or across passes
+        reader = rank * 2 + worker
+        numbers = {int(key.split("-")[1]) for keys in batches for key in keys}
+        assert {number % 4 for number in numbers} == {reader}, (rank, worker, sorted(numbers))
+        assert len(numbers) >= 6  # 20 rows drawn from its 9 samples, pass after pass
+
+
+def test_a_reader_with_fewer_samples_than_a_batch_stops_with_advice_instead_of_repeating(tmp_path):
+    # 8 samples for 4 ranks: each rank keeps 2, never enough for 4 distinct rows
+    write_prompt_shards(tmp_path, shards=1, per_shard=8)
+    config = DataConfig(
+        kind="webdataset", urls=[str(tmp_path / "prompts-000000.tar")], shuffle_buffer=16
+    )
+    error, _ = run_bounded(lambda: take(build_stream(config, 0, 4, 4, seed=0), 1))
+    assert isinstance(error, DataQualityError), error
+    assert "made no batch of 4 distinct samples" in str(error)
+    assert "add data, use fewer ranks" in str(error)
+
+
+def png(height: int, width: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_saved_position_with_pending_rows_of_the_earlier_format_resumes(tmp_path):
+    with ShardWriter(tmp_path / "images", samples_per_shard=40) as writer:
+        for index in range(40):
+            size = (16, 16) if index % 2 else (16, 32)  # two buckets, rows wait in both
+            writer.write(f"image-{index:03d}", {"png": png(*size), "txt": b"a caption"})
+    config = DataConfig(
+        kind="webdataset",
+        urls=[str(tmp_path / "images-000000.tar")],
+        sample_kind="image_text",
+        resolution=32,
+        aspect_buckets=[1.0, 3.0],
+        shuffle_buffer=20,
+    )
+    uninterrupted = [batch["key"] for batch in take(build_stream(config, 0, 1, 3, seed=0), 4)]
+    stream = build_stream(config, 0, 1, 3, seed=0)
+    take(stream, 1)
+    state = stream.state_dict()
+    (position,) = state["positions"]
+    assert position["pending"]  # rows of the other bucket wait
+    # a position saved before waiting rows were grouped holds one flat list per bucket
+    position["pending"] = {
+        name: [index for group in groups for index in group]
+        for name, groups in position["pending"].items()
+    }
+    resumed = build_stream(config, 0, 1, 3, seed=0)
+    resumed.load_state_dict(state)
+    assert [batch["key"] for batch in take(resumed, 3)] == uninterrupted[1:]

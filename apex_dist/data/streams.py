@@ -19,15 +19,18 @@ worker, so that a resumed run sees what the uninterrupted run would have seen):
    from a source chosen by weight and one of its open shards at random. Samples are taken in
    chunks of `shuffle_buffer` and each chunk is permuted.
 4. Batching. Rows are decoded in chunk order and grouped by bucket (image size, or latent shape);
-   a bucket that fills emits a batch. Rows left in unfilled buckets at the end of a chunk are
-   dropped (fewer than micro_batch_size per bucket per chunk; counted as `dropped`).
+   a bucket that fills emits a batch. Within a bucket, a row joins the first waiting group that
+   does not hold its key, so a batch never holds one sample twice (a small source read pass
+   after pass repeats samples within a chunk). Rows left in unfilled groups at the end of a
+   chunk are dropped (counted as `dropped`).
 
 The position of a reader after a batch is small: the index of its chunk, the open shards and
 sample offsets at the chunk's start, the scan position in the chunk and the chunk positions of
-rows waiting in buckets. Resuming re-reads one chunk's raw bytes (and the open shards up to
-their offsets), never a whole epoch. With DataLoader workers, worker i delivers batches i,
-i + W, i + 2W, ...; the stream records every worker's position and, after a restart, rotates the
-workers so that the next batch comes from the worker whose turn it was.
+rows waiting in buckets (per bucket, a list of waiting groups). Resuming re-reads one chunk's
+raw bytes (and the open shards up to their offsets), never a whole epoch. With DataLoader
+workers, worker i delivers batches i, i + W, i + 2W, ...; the stream records every worker's
+position and, after a restart, rotates the workers so that the next batch comes from the worker
+whose turn it was.
 
 Bad data (corrupt tar, undecodable image, empty caption, missing field) is skipped, counted and
 logged with shard and key; when a reader's fraction of bad samples exceeds `max_bad_fraction`
@@ -63,6 +66,10 @@ RECENT_BAD_KEPT = 5
 MIN_BATCHES_PER_CHUNK = 4
 # DataLoader batches prefetched per worker.
 PREFETCH_BATCHES = 2
+# Chunks in a row without a single batch after which a reader stops: its samples cannot fill a
+# micro-batch of distinct samples in one bucket (too little data for the readers, or buckets
+# spread too thin for the chunk), and reading on would spin for ever without a batch.
+MAX_CHUNKS_WITHOUT_A_BATCH = 8
 # Shards in a row whose reads stalled (no data for data.read_timeout_seconds) after which a
 # reader stops the run: one stalled shard is skipped like a corrupt one, but several in a row
 # mean that the storage or the command is down, and waiting on every shard would take hours.
@@ -280,15 +287,24 @@ class ReaderStream:
             self.settings.get("read_timeout_seconds", DEFAULT_READ_TIMEOUT_SECONDS),
         )
         try:
+            chunks_without_a_batch = 0
             while True:
                 chunk_index = position["chunk"]
                 chunk_start = reader.snapshot()
                 samples = self._fill(reader, chunk_index)
-                buckets: dict[str, list[tuple[int, Decoded]]] = {}
-                for bucket, positions in position["pending"].items():
-                    buckets[bucket] = [(index, self._decode(samples[index])) for index in positions]
+                # per bucket, the groups of rows waiting to fill a batch: a row joins the first
+                # group without its key, so a batch never holds one sample twice (a small
+                # source read pass after pass repeats samples within a chunk)
+                buckets: dict[str, list[list[tuple[int, Decoded]]]] = {
+                    bucket: [
+                        [(index, self._decode(samples[index])) for index in group]
+                        for group in _pending_groups(groups)
+                    ]
+                    for bucket, groups in position["pending"].items()
+                }
                 stats = position["stats"]
                 widths = position.setdefault("widths", {})
+                emitted = False
                 for index in range(position["scan"], len(samples)):
                     sample = samples[index]
                     stats["seen"] += 1
@@ -298,22 +314,40 @@ class ReaderStream:
                     except BadSample as error:
                         self._count_bad(stats, sample, str(error))
                         continue
-                    waiting = buckets.setdefault(row.bucket, [])
+                    groups = buckets.setdefault(row.bucket, [])
+                    waiting = _group_without(groups, row.key)
                     waiting.append((index, row))
                     if len(waiting) == self.micro_batch_size:
-                        del buckets[row.bucket]
+                        del groups[next(i for i, group in enumerate(groups) if group is waiting)]
+                        if not groups:
+                            del buckets[row.bucket]
                         after = {
                             "chunk": chunk_index,
                             "reader": chunk_start,
                             "scan": index + 1,
                             "pending": {
-                                name: [entry[0] for entry in rows] for name, rows in buckets.items()
+                                name: [[entry[0] for entry in group] for group in groups]
+                                for name, groups in buckets.items()
                             },
                             "stats": copy.deepcopy(stats),
                             "widths": copy.deepcopy(widths),
                         }
+                        emitted = True
                         yield collate([entry[1] for entry in waiting]), after
-                stats["dropped"] += sum(len(rows) for rows in buckets.values())
+                stats["dropped"] += sum(
+                    len(group) for groups in buckets.values() for group in groups
+                )
+                chunks_without_a_batch = 0 if emitted else chunks_without_a_batch + 1
+                if chunks_without_a_batch >= MAX_CHUNKS_WITHOUT_A_BATCH:
+                    raise DataQualityError(
+                        f"reader {self.reader} of {self.readers} made no batch of "
+                        f"{self.micro_batch_size} distinct samples from {chunks_without_a_batch} "
+                        f"chunks of {self.chunk_size} samples in a row: its share of the data "
+                        "(split by sample, a source with fewer shards than readers gives each "
+                        "reader 1/readers of its samples) or of one bucket is smaller than a "
+                        "micro-batch; add data, use fewer ranks or data.num_workers, a smaller "
+                        "micro-batch, fewer aspect_buckets, or a larger data.shuffle_buffer"
+                    )
                 position = {
                     "chunk": chunk_index + 1,
                     "reader": reader.snapshot(),
@@ -324,6 +358,23 @@ class ReaderStream:
                 }
         finally:
             reader.close()
+
+
+def _group_without(groups: list[list[tuple[int, Decoded]]], key: str) -> list:
+    """The first waiting group that does not hold `key`; a new one, appended, if all do."""
+    for group in groups:
+        if all(row.key != key for _, row in group):
+            return group
+    groups.append([])
+    return groups[-1]
+
+
+def _pending_groups(pending: list) -> list[list[int]]:
+    """The waiting groups of one bucket from a position: lists of chunk indices (a state saved
+    before groups existed holds one flat list)."""
+    if pending and all(isinstance(index, int) for index in pending):
+        return [pending]
+    return pending
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
