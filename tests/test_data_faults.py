@@ -7,6 +7,7 @@ key), never as a hang or a bare crash in collate.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ from safetensors.torch import save as save_safetensors
 from apex_dist.config import DataConfig
 from apex_dist.data import DataQualityError, build_stream
 from apex_dist.data.shards import ShardWriter
-from apex_dist.data.sources import read_shard
+from apex_dist.data.sources import ShardIndexError, read_shard
 
 # Read timeout of the tests: short, so that a stalled read is reported at once.
 TEST_READ_TIMEOUT = 0.3
@@ -385,3 +386,51 @@ def test_a_saved_position_with_pending_rows_of_the_earlier_format_resumes(tmp_pa
     resumed = build_stream(config, 0, 1, 3, seed=0)
     resumed.load_state_dict(state)
     assert [batch["key"] for batch in take(resumed, 3)] == uninterrupted[1:]
+
+
+# --------------------------------------------------------------------------------------------
+# captions and index files
+
+
+def test_a_caption_that_is_not_utf8_is_a_bad_sample_with_a_clear_reason(tmp_path, caplog):
+    with ShardWriter(tmp_path / "latin", samples_per_shard=50) as writer:
+        for index in range(40):
+            caption = "café".encode("latin-1") if index == 7 else f"prompt {index}".encode()
+            writer.write(f"row-{index:03d}", {"txt": caption})
+    config = DataConfig(
+        kind="webdataset",
+        urls=[str(tmp_path / "latin-000000.tar")],
+        shuffle_buffer=40,
+        max_bad_fraction=0.5,
+    )
+    with caplog.at_level(logging.WARNING, logger="apex_dist.data"):
+        batches = take(build_stream(config, 0, 1, 4, seed=0), 9)
+    assert "row-007" not in {key for batch in batches for key in batch["key"]}
+    assert "key row-007: txt caption is not UTF-8 (byte 0xe9 at position 3)" in caplog.text
+
+
+def test_an_index_with_counts_that_are_not_counts_is_refused(tmp_path):
+    write_prompt_shards(tmp_path, shards=2, per_shard=10)
+    index = tmp_path / "index.json"
+    urls = [str(tmp_path / "prompts-{000000..000001}.tar")]
+    index.write_text(json.dumps({"shards": {"prompts-000000.tar": -10, "prompts-000001.tar": 10}}))
+    with pytest.raises(ShardIndexError, match=r"index.json: sample counts must be non-negative"):
+        build_stream(DataConfig(kind="webdataset", urls=urls), 0, 1, 4, seed=0)
+    index.write_text("{not json")
+    with pytest.raises(ShardIndexError, match="is not valid JSON.*set data.epoch_samples"):
+        build_stream(DataConfig(kind="webdataset", urls=urls), 0, 1, 4, seed=0)
+    # the advice works: with epoch_samples the index is not needed
+    fixed = DataConfig(kind="webdataset", urls=urls, epoch_samples=20)
+    assert build_stream(fixed, 0, 1, 4, seed=0).batches_per_epoch == 5
+
+
+def test_an_index_whose_count_differs_from_the_shard_is_reported(tmp_path, caplog):
+    write_prompt_shards(tmp_path, shards=1, per_shard=12)
+    (tmp_path / "index.json").write_text(json.dumps({"shards": {"prompts-000000.tar": 1000}}))
+    config = DataConfig(kind="webdataset", urls=[str(tmp_path / "prompts-000000.tar")])
+    stream = build_stream(config, 0, 1, 4, seed=0)
+    assert stream.batches_per_epoch == 250  # what the index claims
+    with caplog.at_level(logging.WARNING, logger="apex_dist.data"):
+        take(stream, 5)
+    assert "prompts-000000.tar holds 12 samples but" in caplog.text
+    assert "index.json says 1000" in caplog.text

@@ -75,7 +75,13 @@ def nearest_bucket(height: int, width: int, sizes: list[tuple[int, int]]) -> tup
 def caption_of(members: dict[str, bytes], caption_key: str, required: bool) -> str | None:
     """The caption from ``txt``, else from the ``json`` member's `caption_key`."""
     if "txt" in members:
-        caption = members["txt"].decode("utf-8", errors="strict").strip()
+        try:
+            caption = members["txt"].decode("utf-8", errors="strict").strip()
+        except UnicodeDecodeError as error:
+            raise BadSample(
+                f"txt caption is not UTF-8 (byte {members['txt'][error.start]:#04x} at position "
+                f"{error.start}); re-encode the captions as UTF-8"
+            ) from None
     elif "json" in members:
         metadata = json.loads(members["json"])
         caption = metadata.get(caption_key) if isinstance(metadata, dict) else None

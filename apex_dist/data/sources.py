@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import re
@@ -35,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apex_dist.config import DEFAULT_READ_TIMEOUT_SECONDS
+
+logger = logging.getLogger("apex_dist.data")
 
 # The file make_shards.py writes beside its shards: {"shards": {name: sample count}, ...}.
 INDEX_FILE_NAME = "index.json"
@@ -91,25 +94,85 @@ def shard_name(url: str) -> str:
     return os.path.basename(local_path(url))
 
 
+class ShardIndexError(ValueError):
+    """An index.json beside the shards that is not a usable make_shards index."""
+
+
+def read_index(directory: str | os.PathLike) -> dict[str, int] | None:
+    """{shard name: sample count} from the index.json in `directory`; None when there is none.
+
+    Raises ShardIndexError for an index that is not valid JSON or whose counts are not
+    non-negative integers (the epoch length would come out wrong).
+    """
+    path = Path(directory) / INDEX_FILE_NAME
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    advice = "fix or delete it (make_shards writes it), or set data.epoch_samples"
+    try:
+        index = json.loads(text)
+    except ValueError as error:
+        raise ShardIndexError(f"{path} is not valid JSON ({error}): {advice}") from None
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, dict):
+        raise ShardIndexError(f"{path} has no 'shards' mapping of shard name to count: {advice}")
+    wrong = {
+        name: count
+        for name, count in shards.items()
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0
+    }
+    if wrong:
+        raise ShardIndexError(
+            f"{path}: sample counts must be non-negative integers (got {wrong}): {advice}"
+        )
+    return shards
+
+
 def indexed_sample_count(urls: list[str]) -> int | None:
-    """Total sample count of local shards from make_shards' index files; None if any is unknown."""
+    """Total sample count of local shards from make_shards' index files; None if any is unknown.
+
+    Raises ShardIndexError for an index that exists but cannot be used.
+    """
     total = 0
-    indexes: dict[str, dict] = {}
+    indexes: dict[str, dict[str, int] | None] = {}
     for url in urls:
         if not is_local(url):
             return None
         path = Path(local_path(url))
         directory = str(path.parent)
         if directory not in indexes:
-            try:
-                indexes[directory] = json.loads((path.parent / INDEX_FILE_NAME).read_text())
-            except (OSError, ValueError):
-                return None
-        count = indexes[directory].get("shards", {}).get(path.name)
-        if not isinstance(count, int):
+            indexes[directory] = read_index(directory)
+        count = (indexes[directory] or {}).get(path.name)
+        if count is None:
             return None
         total += count
     return total
+
+
+# Local shards whose sample count was found to differ from their index.json (warned once each).
+_MISCOUNTED_SHARDS: set[str] = set()
+
+
+def _check_indexed_count(url: str, count: int) -> None:
+    """Warn once when a local shard read to its end holds another count than its index says."""
+    if not is_local(url) or url in _MISCOUNTED_SHARDS:
+        return
+    path = Path(local_path(url))
+    try:
+        expected = (read_index(path.parent) or {}).get(path.name)
+    except ShardIndexError:
+        return  # reported when the stream was built
+    if expected is not None and expected != count:
+        _MISCOUNTED_SHARDS.add(url)
+        logger.warning(
+            "shard %s holds %d samples but %s says %d: the epoch length taken from the index "
+            "is off; rebuild the index (make_shards) or set data.epoch_samples",
+            url,
+            count,
+            path.parent / INDEX_FILE_NAME,
+            expected,
+        )
 
 
 @dataclass
@@ -373,6 +436,7 @@ def read_shard(
             if current is not None and index >= skip:
                 yield RawSample(url, current, index, members)
             finished = True
+            _check_indexed_count(url, index + 1 if current is not None else 0)
         except (OSError, tarfile.TarError, EOFError, zlib.error):
             failed = True
             raise
