@@ -17,6 +17,7 @@ import difflib
 import math
 import os
 import re
+import sys
 import tempfile
 import types
 import typing
@@ -35,6 +36,8 @@ NON_FINITE_WORD = re.compile(r"[-+]?(inf|infinity|nan)", re.IGNORECASE)
 # storage answers within seconds and a cold network filesystem within a minute or so; five
 # minutes without a byte means a stalled command or mount, reported instead of waited on.
 DEFAULT_READ_TIMEOUT_SECONDS = 300.0
+# Largest magnitude of a float; a larger YAML integer cannot be converted.
+FLOAT_LIMIT = sys.float_info.max
 # Largest seed: numpy's RandomState takes seeds in [0, 2**32 - 1]; torch.manual_seed accepts
 # up to 2**64 - 1, so per-rank offsets added by the trainer stay valid for torch as well.
 MAX_SEED = 2**32 - 1
@@ -796,7 +799,8 @@ def _convert(value: Any, annotation: Any, path: str, problems: list[str]) -> Any
     elif annotation is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+            # an integer beyond the float range (10**400) counts as infinite
+            number = float(value) if abs(value) <= FLOAT_LIMIT else math.inf
         # YAML 1.1 (PyYAML) reads exponent numbers without a dot, such as 1e-4, as strings.
         elif isinstance(value, str) and FLOAT_WITHOUT_DOT.fullmatch(value.strip()):
             number = float(value)  # 1e400 overflows to inf, refused below

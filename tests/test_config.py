@@ -184,8 +184,9 @@ def _float_options(cls: type = Config, prefix: str = "") -> list[tuple[str, bool
 
 FLOAT_OPTIONS = _float_options()
 # YAML spellings of non-finite numbers: PyYAML reads .inf/.nan as floats, leaves inf and nan
-# as strings, and 1e400 (a string to PyYAML) overflows to inf when converted.
-NON_FINITE_SPELLINGS = (".inf", "-.inf", ".nan", "inf", "nan", "-Infinity", "1e400")
+# as strings, 1e400 (a string to PyYAML) overflows to inf when converted, and an integer of 401
+# digits has no float at all.
+NON_FINITE_SPELLINGS = (".inf", "-.inf", ".nan", "inf", "nan", "-Infinity", "1e400", "9" * 401)
 
 
 def test_the_schema_has_the_float_options_the_numbers_checks_cover():

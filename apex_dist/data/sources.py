@@ -266,7 +266,8 @@ class _TimedReader:
                 continue
 
     def read(self, size: int = -1) -> bytes:
-        """Up to `size` bytes (fewer at a chunk's end, b"" at the end of the stream)."""
+        """Up to `size` bytes: fewer at the end of a read-ahead chunk (the rest of the chunk for
+        a negative size), b"" at the end of the stream; tarfile reads on until it has enough."""
         if self.ended:
             return b""
         if self.offset == len(self.current):
