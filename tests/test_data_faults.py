@@ -26,8 +26,11 @@ from apex_dist.data import DataQualityError, build_stream
 from apex_dist.data.shards import ShardWriter
 from apex_dist.data.sources import ShardIndexError, read_shard
 
-# Read timeout of the tests: short, so that a stalled read is reported at once.
-TEST_READ_TIMEOUT = 0.3
+# Read timeout of the tests: short, so that a stalled read is reported at once, but long
+# enough for a local file's first bytes on a busy machine.
+TEST_READ_TIMEOUT = 0.5
+# Read timeout where a command's first bytes must arrive in time (the shell has to start).
+COMMAND_START_TIMEOUT = 3.0
 # Longest a test waits for a stream that should fail fast before calling it a hang.
 HANG_LIMIT_SECONDS = 60
 
@@ -103,7 +106,7 @@ def test_a_stalled_pipe_stops_the_stream_with_an_error_naming_the_url(tmp_path):
     assert isinstance(error, DataQualityError), error
     message = str(error)
     assert f"pipe:sleep {marker}" in message and "data.read_timeout_seconds" in message
-    assert "3 shards in a row gave no data for 0.3 s" in message
+    assert "3 shards in a row gave no data for 0.5 s" in message
     assert seconds < 20
     assert wait_until_gone(marker) == []  # the stalled commands were killed
 
@@ -127,7 +130,7 @@ def test_a_stalled_shard_among_good_ones_is_skipped_and_counted(tmp_path, caplog
     assert len(batches) == 8
     assert all(key.startswith("prompts-") for batch in batches for key in batch["key"])
     assert stream.stats()["bad"] >= 1
-    assert f"no data from pipe:sleep {marker} for 0.3 s" in caplog.text
+    assert f"no data from pipe:sleep {marker} for 0.5 s" in caplog.text
     assert wait_until_gone(marker) == []
 
 
@@ -135,7 +138,7 @@ def test_a_pipe_that_stalls_midway_gives_its_samples_then_an_error(tmp_path):
     (shard,) = write_prompt_shards(tmp_path, shards=1, per_shard=50)
     marker = "987653"
     url = f"pipe:head -c 6000 {shard}; sleep {marker}"
-    samples, _ = run_bounded(lambda: list(read_shard(url, read_timeout=TEST_READ_TIMEOUT)))
+    samples, _ = run_bounded(lambda: list(read_shard(url, read_timeout=COMMAND_START_TIMEOUT)))
     assert [sample.error for sample in samples[:-1]] == [None] * (len(samples) - 1)
     assert len(samples) > 3
     assert samples[-1].stalled and url in samples[-1].error
@@ -146,7 +149,7 @@ def test_a_command_that_writes_much_to_standard_error_does_not_block(tmp_path):
     (shard,) = write_prompt_shards(tmp_path, shards=1, per_shard=10)
     # 1 MB on standard error before the tar: more than a pipe holds (64 kB on Linux)
     url = f"pipe:head -c 1000000 /dev/zero >&2; cat {shard}"
-    samples, _ = run_bounded(lambda: list(read_shard(url, read_timeout=10)))
+    samples, _ = run_bounded(lambda: list(read_shard(url, read_timeout=COMMAND_START_TIMEOUT)))
     assert [sample.error for sample in samples] == [None] * 10
 
 
