@@ -11,10 +11,13 @@ prints them all.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
+import sys
 import tempfile
 import types
 import typing
@@ -26,6 +29,18 @@ import yaml
 
 # Numbers like 1e-4 or -2E+3, which PyYAML's YAML 1.1 resolver leaves as strings.
 FLOAT_WITHOUT_DOT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
+# Spellings of infinity and not-a-number that PyYAML leaves as strings (it reads only .inf and
+# .nan as floats); named in the error so that `optimizer.lr=inf` is not just "not a float".
+NON_FINITE_WORD = re.compile(r"[-+]?(inf|infinity|nan)", re.IGNORECASE)
+# Default of data.read_timeout_seconds: how long one read of a shard may wait for data. Object
+# storage answers within seconds and a cold network filesystem within a minute or so; five
+# minutes without a byte means a stalled command or mount, reported instead of waited on.
+DEFAULT_READ_TIMEOUT_SECONDS = 300.0
+# Largest magnitude of a float; a larger YAML integer cannot be converted.
+FLOAT_LIMIT = sys.float_info.max
+# Largest seed: numpy's RandomState takes seeds in [0, 2**32 - 1]; torch.manual_seed accepts
+# up to 2**64 - 1, so per-rank offsets added by the trainer stay valid for torch as well.
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -43,7 +58,8 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help})
+        # a deep copy: a shallow one would share nested sections and lists between configs
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -281,6 +297,18 @@ class GuidanceConfig:
             return [f"{path}.ratio must be >= 0 (got {self.ratio})"]
         return []
 
+    def validate_with_reference(self, path: str, reference_mode: str) -> list[str]:
+        """With the student (online) or its EMA as the reference, the guided target's fixed
+        point is CFG of scale 1/(1 - w), which exists only for w < 1."""
+        if reference_mode in ("online", "ema") and self.ratio >= 1:
+            return [
+                f"{path}.ratio must be < 1 with reference mode {reference_mode} (got "
+                f"{self.ratio}): the guided target's fixed point is CFG of scale 1/(1 - w), "
+                "which does not exist for w >= 1 (0.8 gives scale 5); use a ratio below 1 or "
+                "method.reference.mode=frozen_base, where w is the CFG scale itself"
+            ]
+        return []
+
 
 @dataclass
 class ApexConfig:
@@ -396,6 +424,10 @@ class MethodConfig:
             "apex_v0",
         ):
             problems += getattr(self, name).validate(f"{path}.{name}")
+        if self.objective == "apex_v0":
+            problems += self.guidance.validate_with_reference(
+                f"{path}.guidance", self.reference.mode
+            )
         if self.apex_v0.data_free and self.objective != "apex_v0":
             problems.append(
                 f"{path}.apex_v0.data_free is only implemented by objective apex_v0 "
@@ -470,6 +502,11 @@ class DataConfig:
     )
     synthetic_size: int = option(100000, "number of distinct synthetic scenes (kind synthetic)")
     num_workers: int = option(0, "data loader worker processes per rank")
+    read_timeout_seconds: float = option(
+        DEFAULT_READ_TIMEOUT_SECONDS,
+        "seconds one read of a shard (file or pipe: command) may wait for data; a stalled "
+        "shard is then skipped as bad, and three stalled shards in a row stop the run",
+    )
     text_dropout: float = option(0.0, "fraction of rows whose text is replaced by c_neg")
 
     def validate(self, path: str) -> list[str]:
@@ -510,6 +547,10 @@ class DataConfig:
             )
         if self.num_workers < 0:
             problems.append(f"{path}.num_workers must be >= 0 (got {self.num_workers})")
+        if not self.read_timeout_seconds > 0:
+            problems.append(
+                f"{path}.read_timeout_seconds must be > 0 (got {self.read_timeout_seconds})"
+            )
         if not 0 <= self.text_dropout < 1:
             problems.append(f"{path}.text_dropout must be in [0, 1) (got {self.text_dropout})")
         return problems
@@ -534,9 +575,20 @@ class OptimizerConfig:
             problems.append(f"{path}.lr must be > 0 (got {self.lr})")
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             problems.append(f"{path}.betas must be two numbers in [0, 1) (got {self.betas})")
-        for name in ("eps", "weight_decay", "grad_clip", "warmup_steps"):
+        if not self.eps > 0:
+            problems.append(
+                f"{path}.eps must be > 0 (got {self.eps}): AdamW divides by sqrt(v) + eps, "
+                "which is 0/0 for a parameter whose gradients are all zero"
+            )
+        for name in ("weight_decay", "grad_clip", "warmup_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"{path}.{name} must be >= 0 (got {getattr(self, name)})")
+        if self.lr > 0 and not self.lr * self.weight_decay < 1:
+            problems.append(
+                f"{path}.lr * {path}.weight_decay must be < 1 (got {self.lr} * "
+                f"{self.weight_decay}): AdamW multiplies every weight by 1 - lr * weight_decay "
+                "each step, which flips or zeroes the weights from 1 on"
+            )
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"{path}.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         return problems
@@ -554,7 +606,7 @@ class TrainConfig:
     )
 
     def validate(self, path: str) -> list[str]:
-        return [
+        problems = [
             f"{path}.{name} must be >= 1 (got {getattr(self, name)})"
             for name in (
                 "steps",
@@ -564,6 +616,12 @@ class TrainConfig:
             )
             if getattr(self, name) < 1
         ]
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(
+                f"{path}.seed must be in [0, {MAX_SEED}] (got {self.seed}): numpy accepts only "
+                "seeds in this range"
+            )
+        return problems
 
 
 @dataclass
@@ -683,7 +741,9 @@ class Config:
     logging: LoggingConfig = option(LoggingConfig(), "console and wandb")
 
     def validate(self, path: str = "") -> list[str]:
-        problems = []
+        # a config loaded from YAML has no non-finite numbers left (they are refused when read);
+        # one built or changed in code is checked here
+        problems = non_finite_problems(self, path)
         for section in dataclasses.fields(self):
             problems += getattr(self, section.name).validate(section.name)
         if self.data.sample_kind == "prompt" and self.data.kind != "toy":
@@ -700,6 +760,29 @@ class Config:
 
 # --------------------------------------------------------------------------------------------
 # building dataclasses from plain data, with every problem collected
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def non_finite_problems(config: Any, path: str = "") -> list[str]:
+    """One problem per float option (or list item) of a dataclass tree that is nan or inf."""
+    problems = []
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        where = f"{path}.{item.name}" if path else item.name
+        if dataclasses.is_dataclass(value):
+            problems += non_finite_problems(value, where)
+        elif isinstance(value, (list, tuple)):
+            problems += [
+                f"{where}[{index}] must be a finite number (got {entry})"
+                for index, entry in enumerate(value)
+                if _non_finite(entry)
+            ]
+        elif _non_finite(value):
+            problems.append(f"{where} must be a finite number (got {value})")
+    return problems
 
 
 def _type_name(annotation: Any) -> str:
@@ -746,7 +829,12 @@ def _convert(value: Any, annotation: Any, path: str, problems: list[str]) -> Any
             problems.append(f"{path} must be a {_type_name(annotation)} (got {value!r})")
             return None
         (item_type,) = typing.get_args(annotation)
-        return [_convert(item, item_type, f"{path}[{i}]", problems) for i, item in enumerate(value)]
+        known = len(problems)
+        items = [
+            _convert(item, item_type, f"{path}[{i}]", problems) for i, item in enumerate(value)
+        ]
+        # a list with a bad item keeps its default, so that range checks see only good values
+        return items if len(problems) == known else None
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -754,11 +842,20 @@ def _convert(value: Any, annotation: Any, path: str, problems: list[str]) -> Any
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            # an integer beyond the float range (10**400) counts as infinite
+            number = float(value) if abs(value) <= FLOAT_LIMIT else math.inf
         # YAML 1.1 (PyYAML) reads exponent numbers without a dot, such as 1e-4, as strings.
-        if isinstance(value, str) and FLOAT_WITHOUT_DOT.fullmatch(value.strip()):
-            return float(value)
+        elif isinstance(value, str) and FLOAT_WITHOUT_DOT.fullmatch(value.strip()):
+            number = float(value)  # 1e400 overflows to inf, refused below
+        elif isinstance(value, str) and NON_FINITE_WORD.fullmatch(value.strip()):
+            number = float(value)
+        if number is not None:
+            if math.isfinite(number):
+                return number
+            problems.append(f"{path} must be a finite number (got {value!r})")
+            return None
     elif annotation is str:
         if isinstance(value, str):
             return value

@@ -109,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         from apex_dist.distributed.deepspeed_config import build_deepspeed_config
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        print(json.dumps(build_deepspeed_config(config, world_size), indent=2))
+        try:
+            # allow_nan=False: NaN and Infinity are not JSON (validation refuses them first)
+            text = json.dumps(build_deepspeed_config(config, world_size), indent=2, allow_nan=False)
+        except ValueError as error:
+            print(f"cannot write the DeepSpeed config as JSON: {error}", file=sys.stderr)
+            return CONFIG_ERROR_EXIT_CODE
+        print(text)
         return 0
 
     from apex_dist.trainer import Trainer

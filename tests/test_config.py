@@ -158,3 +158,129 @@ def test_a_string_that_is_not_a_number_is_still_refused_for_a_float_option(tmp_p
     path = write(tmp_path, {"optimizer": {"lr": "1e-3x"}})
     with pytest.raises(ConfigError, match="optimizer.lr"):
         load_config(path)
+
+
+# --------------------------------------------------------------------------------------------
+# numbers: every float option finite, every range checked, the field path named
+
+
+def _float_options(cls: type = Config, prefix: str = "") -> list[tuple[str, bool]]:
+    """(dotted path, is a list) of every float and list-of-float option of the schema."""
+    import dataclasses
+    import typing
+
+    found = []
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        annotation = hints[item.name]
+        if dataclasses.is_dataclass(annotation):
+            found += _float_options(annotation, f"{prefix}{item.name}.")
+        elif annotation is float:
+            found.append((f"{prefix}{item.name}", False))
+        elif typing.get_origin(annotation) is list and typing.get_args(annotation) == (float,):
+            found.append((f"{prefix}{item.name}", True))
+    return found
+
+
+FLOAT_OPTIONS = _float_options()
+# YAML spellings of non-finite numbers: PyYAML reads .inf/.nan as floats, leaves inf and nan
+# as strings, 1e400 (a string to PyYAML) overflows to inf when converted, and an integer of 401
+# digits has no float at all.
+NON_FINITE_SPELLINGS = (".inf", "-.inf", ".nan", "inf", "nan", "-Infinity", "1e400", "9" * 401)
+
+
+def test_the_schema_has_the_float_options_the_numbers_checks_cover():
+    paths = {path for path, _ in FLOAT_OPTIONS}
+    for expected in (
+        "optimizer.lr",
+        "optimizer.betas",
+        "optimizer.eps",
+        "optimizer.weight_decay",
+        "optimizer.grad_clip",
+        "method.guidance.ratio",
+        "method.condition_shift.scale",
+        "method.condition_shift.bias",
+        "method.reference.ema_decay",
+        "method.loss.robust_scale",
+        "data.max_bad_fraction",
+    ):
+        assert expected in paths, expected
+
+
+@pytest.mark.parametrize("path,is_list", FLOAT_OPTIONS, ids=[path for path, _ in FLOAT_OPTIONS])
+def test_non_finite_numbers_are_refused_for_every_float_option(path, is_list):
+    for spelling in NON_FINITE_SPELLINGS:
+        value = f"[{spelling}]" if is_list else spelling
+        with pytest.raises(ConfigError) as caught:
+            load_config(None, [f"{path}={value}"])
+        message = str(caught.value)
+        assert f"{path}" in message and "finite number" in message, (spelling, message)
+
+
+def test_non_finite_numbers_in_a_yaml_file_are_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "optimizer:\n  lr: .inf\n  betas: [0.9, .nan]\nmethod:\n  guidance:\n    ratio: .nan\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    joined = "\n".join(caught.value.problems)
+    assert "optimizer.lr must be a finite number (got inf)" in joined
+    assert "optimizer.betas[1] must be a finite number (got nan)" in joined
+    assert "method.guidance.ratio must be a finite number" in joined
+    assert len(caught.value.problems) == 3  # no follow-up range errors about the same fields
+
+
+def test_a_config_built_in_code_with_a_non_finite_number_fails_validation():
+    config = Config()
+    config.optimizer.lr = float("nan")
+    config.method.condition_shift.bias = float("inf")
+    config.optimizer.betas = [0.9, float("-inf")]
+    joined = "\n".join(config.validate())
+    assert "optimizer.lr must be a finite number (got nan)" in joined
+    assert "method.condition_shift.bias must be a finite number (got inf)" in joined
+    assert "optimizer.betas[1] must be a finite number (got -inf)" in joined
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("optimizer.eps=0", "optimizer.eps must be > 0"),
+        ("optimizer.betas=[0.9, 1.0]", "optimizer.betas must be two numbers in [0, 1)"),
+        ("optimizer.weight_decay=-0.1", "optimizer.weight_decay must be >= 0"),
+        ("optimizer.grad_clip=-1", "optimizer.grad_clip must be >= 0"),
+        ("optimizer.weight_decay=2e4", "optimizer.lr * optimizer.weight_decay must be < 1"),
+        ("train.seed=-1", "train.seed must be in [0, 4294967295]"),
+        ("train.seed=4294967296", "train.seed must be in [0, 4294967295]"),
+        ("method.guidance.ratio=1.0", "method.guidance.ratio must be < 1"),
+        ("method.loss.robust_scale=0", "method.loss.robust_scale must be > 0"),
+        ("method.apex_v0.distribution_matching_weight=-1", "distribution_matching_weight"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_with_their_path(override, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert expected in str(caught.value)
+
+
+def test_guidance_of_one_or_more_is_accepted_with_a_frozen_reference():
+    # a frozen teacher's guided target has no 1/(1 - w) fixed point: w is a plain CFG scale
+    config = load_config(None, ["method.reference.mode=frozen_base", "method.guidance.ratio=4.0"])
+    assert config.method.guidance.ratio == 4.0
+    # the largest seed numpy accepts is valid
+    assert load_config(None, ["train.seed=4294967295"]).train.seed == 4294967295
+
+
+def test_a_bad_list_item_keeps_the_default_instead_of_crashing_validation():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["optimizer.betas=[0.9, fast]"])
+    assert caught.value.problems == ["optimizer.betas[1] must be float (got 'fast')"]
+
+
+def test_changing_one_config_leaves_the_defaults_of_others_alone():
+    first = Config()
+    first.method.condition_shift.bias = 2.0
+    first.optimizer.betas.append(0.5)
+    second = Config()
+    assert second.method.condition_shift.bias == 1.0
+    assert second.optimizer.betas == [0.9, 0.99]

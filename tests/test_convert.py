@@ -16,6 +16,13 @@ import pytest
 import torch
 import torch.multiprocessing as multiprocessing
 import yaml
+from corrupt_safetensors import (
+    overlap_last_two,
+    set_field,
+    set_header_length,
+    split,
+    tensors_in_order,
+)
 from safetensors.torch import load_file, save_file
 
 from apex_dist.export import torch_archive
@@ -383,6 +390,71 @@ def test_truncated_shard_fails_before_writing(runs, tmp_path):
     with pytest.raises(CheckpointFormatError, match="truncated"):
         export_checkpoint(copy, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path)
+
+
+def _corrupt_overlap(data):
+    return overlap_last_two(data)
+
+
+def _corrupt_huge_header_length(data):
+    return set_header_length(data, 2**63), None
+
+
+def _corrupt_truncated(data):
+    return data[: len(data) - 100], None
+
+
+def _corrupt_unknown_dtype(data):
+    name = tensors_in_order(split(data)[0])[0]
+    return set_field(data, name, "dtype", "F7"), name
+
+
+@pytest.mark.parametrize(
+    "corrupt,expected",
+    [
+        (_corrupt_overlap, "overlaps tensor"),
+        (_corrupt_huge_header_length, "header length 9223372036854775808 is larger"),
+        (_corrupt_truncated, r"tensor '[^']+' ends at byte .* truncated"),
+        (_corrupt_unknown_dtype, "unknown dtype 'F7'"),
+    ],
+    ids=["overlap", "huge-header-length", "truncated", "unknown-dtype"],
+)
+def test_merged_export_refuses_a_corrupt_base_and_writes_nothing(runs, tmp_path, corrupt, expected):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(runs / "base_snapshot", base)
+    weights = base / "transformer" / "diffusion_pytorch_model.safetensors"
+    data, tensor = corrupt(weights.read_bytes())
+    weights.write_bytes(data)
+    output = tmp_path / "exports" / "merged"
+    options = ExportOptions(mode="merged", base=base, dtype="fp32")
+    with pytest.raises(CheckpointFormatError, match=expected) as caught:
+        export_checkpoint(runs / "z3_ws2_lora", output, options)
+    assert str(weights) in str(caught.value)
+    if tensor is not None:
+        assert f"tensor '{tensor}'" in str(caught.value)
+    assert not output.exists()
+    assert not (tmp_path / "exports").exists() or not list((tmp_path / "exports").iterdir())
+
+
+def test_merged_export_refuses_a_base_index_that_does_not_match_its_files(runs, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(runs / "base_snapshot", base)
+    folder = base / "transformer"
+    weights_name = "diffusion_pytorch_model.safetensors"
+    names = tensors_in_order(split((folder / weights_name).read_bytes())[0])
+    weight_map = dict.fromkeys(names, weights_name)
+    weight_map["not_in_any_file.weight"] = weights_name
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    options = ExportOptions(mode="merged", base=base, dtype="fp32")
+    with pytest.raises(CheckpointFormatError, match="'not_in_any_file.weight'.*no file holds it"):
+        export_checkpoint(runs / "z3_ws2_lora", tmp_path / "merged", options)
+    assert not (tmp_path / "merged").exists() and _no_leftovers(tmp_path)
 
 
 def test_missing_rank_file(runs, tmp_path):

@@ -126,6 +126,35 @@ def test_launcher_prints_the_deepspeed_json():
     assert generated["train_micro_batch_size_per_gpu"] == 4
 
 
+def _strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, which Python writes but JSON does not have."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_printed_deepspeed_json_never_holds_non_finite_numbers():
+    finished = run_launcher(
+        "--config",
+        str(ROOT / "configs" / "qwen_image_full.yaml"),
+        "--print-deepspeed-config",
+        "optimizer.grad_clip=.inf",
+    )
+    assert finished.returncode == 2, finished.stdout
+    assert "optimizer.grad_clip must be a finite number" in finished.stderr
+    assert "Infinity" not in finished.stdout
+    finished = run_launcher(
+        "--config", str(ROOT / "configs" / "toy.yaml"), "--print-deepspeed-config"
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert (
+        _strict_json(finished.stdout)["gradient_clipping"]
+        == load_config(ROOT / "configs" / "toy.yaml").optimizer.grad_clip
+    )
+
+
 def test_plain_python_launch_trains_saves_and_resumes(tmp_path):
     """One process (no launcher): 3 steps, a grid, a checkpoint; then resume to step 4."""
     output = tmp_path / "run"

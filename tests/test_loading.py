@@ -335,6 +335,21 @@ def test_missing_directories_and_files_are_named(snapshot_copy, tmp_path):
         load_pretrained_transformer(snapshot_copy)
 
 
+def test_a_corrupt_safetensors_header_is_refused_naming_file_and_tensor(snapshot_copy, recorder):
+    from corrupt_safetensors import overlap_last_two
+
+    shard = sorted((snapshot_copy / "transformer").glob("*.safetensors"))[1]
+    data, overlapping = overlap_last_two(shard.read_bytes())
+    shard.write_bytes(data)
+    model = build_transformer("qwen-image-tiny")
+    with pytest.raises(CheckpointError, match=f"{shard}: tensor '{overlapping}'.*overlaps"):
+        load_transformer_weights(model, snapshot_copy, "fp32")
+    assert recorder.keys_read == []  # refused from the headers, before any tensor was read
+    shard.write_bytes(data[:-1])
+    with pytest.raises(CheckpointError, match=f"{shard.name}.*truncated"):
+        load_pretrained_transformer(snapshot_copy)
+
+
 def test_unknown_or_unusable_dtype_fails_before_reading(sharded_snapshot, monkeypatch, recorder):
     with pytest.raises(CheckpointError, match="dtype 'fp8' is not supported"):
         load_pretrained_transformer(sharded_snapshot, "fp8")

@@ -5,8 +5,12 @@ Sample kinds and the tar members they read (the key's members, by extension):
 - ``prompt``: ``txt`` (the caption) or ``json`` (its caption field); the data-free mode.
 - ``image_text``: one image (``jpg``, ``jpeg``, ``png`` or ``webp``) and a caption as above.
 - ``precomputed``: ``safetensors`` with ``text`` (S, D) float, ``text_mask`` (S,) bool or
-  uint8, and optionally ``latents`` (N, C) with ``image_shape`` (3,) = (frames, h, w); a
-  caption is optional. Written by tools/encode_prompts.py.
+  uint8, and optionally ``latents`` (N, C) with ``image_shape`` (3,) = (frames, h, w) of the
+  latent patch grid, N = frames * h * w; a caption is optional. Written by
+  tools/encode_prompts.py. The member's header is checked like any safetensors file the project
+  reads (offsets, dtypes, sizes), and the tensors are checked for their dtypes, shapes and
+  finite values: a sample that fails is bad, never a crash later in `collate` or a NaN in the
+  model.
 
 A ``json`` member, when present, is returned whole as the sample's ``metadata`` (the synthetic
 dataset stores each scene's structured spec there).
@@ -37,11 +41,17 @@ class BadSample(ValueError):
 
 @dataclass
 class Decoded:
-    """A decoded sample and the bucket it is batched in (batches hold one bucket)."""
+    """A decoded sample and the bucket it is batched in (batches hold one bucket).
+
+    `widths` are the sizes that every row of a stream must share, whatever its bucket (the
+    text feature width, the latent channels): the stream refuses rows that differ from the
+    first it read.
+    """
 
     key: str
     bucket: str
     fields: dict[str, Any] = field(default_factory=dict)
+    widths: dict[str, int] = field(default_factory=dict)
 
 
 def bucket_sizes(resolution: int, aspect_ratios: list[float]) -> list[tuple[int, int]]:
@@ -65,7 +75,13 @@ def nearest_bucket(height: int, width: int, sizes: list[tuple[int, int]]) -> tup
 def caption_of(members: dict[str, bytes], caption_key: str, required: bool) -> str | None:
     """The caption from ``txt``, else from the ``json`` member's `caption_key`."""
     if "txt" in members:
-        caption = members["txt"].decode("utf-8", errors="strict").strip()
+        try:
+            caption = members["txt"].decode("utf-8", errors="strict").strip()
+        except UnicodeDecodeError as error:
+            raise BadSample(
+                f"txt caption is not UTF-8 (byte {members['txt'][error.start]:#04x} at position "
+                f"{error.start}); re-encode the captions as UTF-8"
+            ) from None
     elif "json" in members:
         metadata = json.loads(members["json"])
         caption = metadata.get(caption_key) if isinstance(metadata, dict) else None
@@ -155,19 +171,31 @@ class SampleDecoder:
     def _decode_precomputed(self, key: str, members: dict[str, bytes], fields: dict) -> Decoded:
         from safetensors.torch import load as load_safetensors
 
+        from apex_dist.export.safetensors_io import check_safetensors_bytes
+        from apex_dist.export.torch_archive import CheckpointFormatError
+
         if PRECOMPUTED_EXTENSION not in members:
             raise BadSample(f"no {PRECOMPUTED_EXTENSION} member with the text features")
-        tensors = load_safetensors(members[PRECOMPUTED_EXTENSION])
+        data = members[PRECOMPUTED_EXTENSION]
+        try:
+            check_safetensors_bytes(data, f"{PRECOMPUTED_EXTENSION} member")
+        except CheckpointFormatError as error:
+            raise BadSample(str(error)) from None
+        tensors = load_safetensors(data)
         for name in ("text", "text_mask"):
             if name not in tensors:
                 raise BadSample(f"{PRECOMPUTED_EXTENSION} member has no tensor {name!r}")
-        text, mask = tensors["text"], tensors["text_mask"].bool()
-        if text.ndim != 2 or mask.shape != text.shape[:1]:
+        text, mask = tensors["text"], tensors["text_mask"]
+        if text.ndim != 2 or mask.shape != text.shape[:1] or text.shape[0] < 1:
             raise BadSample(
-                f"text must be (S, D) and text_mask (S,) (got {tuple(text.shape)} and "
+                f"text must be (S, D) with S >= 1 and text_mask (S,) (got {tuple(text.shape)} and "
                 f"{tuple(mask.shape)})"
             )
-        fields["text"], fields["text_mask"] = text.float(), mask
+        _check_floats("text", text)
+        if mask.dtype not in MASK_DTYPES:
+            raise BadSample(f"text_mask must be bool or uint8 (got {mask.dtype})")
+        fields["text"], fields["text_mask"] = text.float(), mask.bool()
+        widths = {"text width": int(text.shape[1])}
         caption = caption_of(members, self.caption_key, required=False)
         if caption is not None:
             fields["prompt"] = caption
@@ -175,11 +203,43 @@ class SampleDecoder:
         if "latents" in tensors:
             if "image_shape" not in tensors:
                 raise BadSample("latents without image_shape (frames, h, w)")
-            shape = tuple(int(value) for value in tensors["image_shape"].tolist())
-            fields["latents"] = tensors["latents"].float()
+            latents, image_shape = tensors["latents"], tensors["image_shape"]
+            if (
+                image_shape.shape != (3,)
+                or image_shape.is_floating_point()
+                or image_shape.dtype == torch.bool
+                or not bool((image_shape >= 1).all())
+            ):
+                raise BadSample(
+                    f"image_shape must be 3 positive integers (frames, h, w) (got "
+                    f"{image_shape.tolist()} of dtype {image_shape.dtype})"
+                )
+            shape = tuple(int(value) for value in image_shape.tolist())
+            if latents.ndim != 2 or latents.shape[0] != math.prod(shape):
+                raise BadSample(
+                    f"latents must be (N, C) with N = frames * h * w = {math.prod(shape)} for "
+                    f"image_shape {list(shape)} (got {tuple(latents.shape)})"
+                )
+            _check_floats("latents", latents)
+            fields["latents"] = latents.float()
             fields["image_shape"] = shape
+            widths["latent channels"] = int(latents.shape[1])
             bucket = "x".join(str(value) for value in shape)
-        return Decoded(key, bucket, fields)
+        return Decoded(key, bucket, fields, widths)
+
+
+# Dtypes a precomputed text mask may have (tools/encode_prompts.py writes uint8).
+MASK_DTYPES = (torch.bool, torch.uint8)
+
+
+def _check_floats(name: str, tensor: torch.Tensor) -> None:
+    """A floating-point tensor without nan or inf, or BadSample naming it."""
+    if not tensor.is_floating_point():
+        raise BadSample(f"{name} must be floating point (got {tensor.dtype})")
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise BadSample(f"{name} holds {bad} nan or inf value(s) of {tensor.numel()}")
 
 
 def collate(rows: list[Decoded]) -> dict[str, Any]:

@@ -19,15 +19,18 @@ worker, so that a resumed run sees what the uninterrupted run would have seen):
    from a source chosen by weight and one of its open shards at random. Samples are taken in
    chunks of `shuffle_buffer` and each chunk is permuted.
 4. Batching. Rows are decoded in chunk order and grouped by bucket (image size, or latent shape);
-   a bucket that fills emits a batch. Rows left in unfilled buckets at the end of a chunk are
-   dropped (fewer than micro_batch_size per bucket per chunk; counted as `dropped`).
+   a bucket that fills emits a batch. Within a bucket, a row joins the first waiting group that
+   does not hold its key, so a batch never holds one sample twice (a small source read pass
+   after pass repeats samples within a chunk). Rows left in unfilled groups at the end of a
+   chunk are dropped (counted as `dropped`).
 
 The position of a reader after a batch is small: the index of its chunk, the open shards and
 sample offsets at the chunk's start, the scan position in the chunk and the chunk positions of
-rows waiting in buckets. Resuming re-reads one chunk's raw bytes (and the open shards up to
-their offsets), never a whole epoch. With DataLoader workers, worker i delivers batches i,
-i + W, i + 2W, ...; the stream records every worker's position and, after a restart, rotates the
-workers so that the next batch comes from the worker whose turn it was.
+rows waiting in buckets (per bucket, a list of waiting groups). Resuming re-reads one chunk's
+raw bytes (and the open shards up to their offsets), never a whole epoch. With DataLoader
+workers, worker i delivers batches i, i + W, i + 2W, ...; the stream records every worker's
+position and, after a restart, rotates the workers so that the next batch comes from the worker
+whose turn it was.
 
 Bad data (corrupt tar, undecodable image, empty caption, missing field) is skipped, counted and
 logged with shard and key; when a reader's fraction of bad samples exceeds `max_bad_fraction`
@@ -47,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from apex_dist.config import DEFAULT_READ_TIMEOUT_SECONDS
 from apex_dist.data.samples import BadSample, Decoded, SampleDecoder, collate
 from apex_dist.data.sources import RawSample, expand_urls, indexed_sample_count, read_shard
 
@@ -62,6 +66,14 @@ RECENT_BAD_KEPT = 5
 MIN_BATCHES_PER_CHUNK = 4
 # DataLoader batches prefetched per worker.
 PREFETCH_BATCHES = 2
+# Chunks in a row without a single batch after which a reader stops: its samples cannot fill a
+# micro-batch of distinct samples in one bucket (too little data for the readers, or buckets
+# spread too thin for the chunk), and reading on would spin for ever without a batch.
+MAX_CHUNKS_WITHOUT_A_BATCH = 8
+# Shards in a row whose reads stalled (no data for data.read_timeout_seconds) after which a
+# reader stops the run: one stalled shard is skipped like a corrupt one, but several in a row
+# mean that the storage or the command is down, and waiting on every shard would take hours.
+MAX_STALLED_SHARDS_IN_A_ROW = 3
 
 
 class DataQualityError(RuntimeError):
@@ -116,8 +128,16 @@ class InterleavedReader:
     number and the offset of the next sample, or None for a slot to be filled.
     """
 
-    def __init__(self, plans: list[ShardPlan], weights: list[float], slots: int, state=None):
-        self.plans, self.weights = plans, weights
+    def __init__(
+        self,
+        plans: list[ShardPlan],
+        weights: list[float],
+        slots: int,
+        state=None,
+        read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS,
+    ):
+        self.plans, self.weights, self.read_timeout = plans, weights, read_timeout
+        self.stalled: list[str] = []  # the stalled shards since the last good sample
         # more open shards than a pass has would read one shard twice at once
         self.state = state or {
             "sources": [
@@ -137,7 +157,20 @@ class InterleavedReader:
     def _open(self, source: int, slot: int) -> Iterator[RawSample]:
         slot_state = self.state["sources"][source]["slots"][slot]
         url = self.plans[source].shard(slot_state["visit"])
-        return read_shard(url, skip=slot_state["offset"])
+        return read_shard(url, skip=slot_state["offset"], read_timeout=self.read_timeout)
+
+    def _check_stalls(self, sample: RawSample) -> None:
+        if not sample.stalled:
+            self.stalled = []
+            return
+        self.stalled.append(sample.url)
+        if len(self.stalled) >= MAX_STALLED_SHARDS_IN_A_ROW:
+            raise DataQualityError(
+                f"{len(self.stalled)} shards in a row gave no data for {self.read_timeout:g} s "
+                f"(data.read_timeout_seconds): {', '.join(self.stalled)}; the storage or the "
+                "pipe: command stalled: check that it answers (or raise the timeout for slow "
+                "storage), then resume"
+            )
 
     def draw(self, rng: random.Random) -> RawSample:
         source = rng.choices(range(len(self.plans)), weights=self.weights)[0]
@@ -154,6 +187,7 @@ class InterleavedReader:
                 self.open[(source, slot)] = self._open(source, slot)
             for sample in self.open[(source, slot)]:
                 source_state["slots"][slot]["offset"] = sample.index + 1
+                self._check_stalls(sample)
                 if sample.error is not None:
                     self.open.pop((source, slot)).close()
                     source_state["slots"][slot] = None
@@ -229,6 +263,19 @@ class ReaderStream:
             raise BadSample(sample.error)
         return self.decoder(sample.key, sample.members)
 
+    @staticmethod
+    def _check_widths(widths: dict, row: Decoded, sample: RawSample) -> None:
+        """Rows of a stream share their text width and latent channels (`Decoded.widths`):
+        the first row read sets them (kept in the position, so a resume keeps them too)."""
+        for name, value in row.widths.items():
+            if name not in widths:
+                widths[name] = [value, sample.describe()]
+            elif widths[name][0] != value:
+                raise BadSample(
+                    f"{name} {value} differs from the {widths[name][0]} of this stream's first "
+                    f"sample ({widths[name][1]}): all samples need the same encoder"
+                )
+
     def batches(self) -> Iterator[tuple[dict, dict]]:
         """Endless (batch, position after the batch) pairs."""
         position = copy.deepcopy(self.position)
@@ -237,48 +284,97 @@ class ReaderStream:
             self.settings["weights"],
             self.settings["shuffle_shards"],
             copy.deepcopy(position["reader"]),
+            self.settings.get("read_timeout_seconds", DEFAULT_READ_TIMEOUT_SECONDS),
         )
         try:
+            chunks_without_a_batch = 0
             while True:
                 chunk_index = position["chunk"]
                 chunk_start = reader.snapshot()
                 samples = self._fill(reader, chunk_index)
-                buckets: dict[str, list[tuple[int, Decoded]]] = {}
-                for bucket, positions in position["pending"].items():
-                    buckets[bucket] = [(index, self._decode(samples[index])) for index in positions]
+                # per bucket, the groups of rows waiting to fill a batch: a row joins the first
+                # group without its key, so a batch never holds one sample twice (a small
+                # source read pass after pass repeats samples within a chunk)
+                buckets: dict[str, list[list[tuple[int, Decoded]]]] = {
+                    bucket: [
+                        [(index, self._decode(samples[index])) for index in group]
+                        for group in _pending_groups(groups)
+                    ]
+                    for bucket, groups in position["pending"].items()
+                }
                 stats = position["stats"]
+                widths = position.setdefault("widths", {})
+                emitted = False
                 for index in range(position["scan"], len(samples)):
                     sample = samples[index]
                     stats["seen"] += 1
                     try:
                         row = self._decode(sample)
+                        self._check_widths(widths, row, sample)
                     except BadSample as error:
                         self._count_bad(stats, sample, str(error))
                         continue
-                    waiting = buckets.setdefault(row.bucket, [])
+                    groups = buckets.setdefault(row.bucket, [])
+                    waiting = _group_without(groups, row.key)
                     waiting.append((index, row))
                     if len(waiting) == self.micro_batch_size:
-                        del buckets[row.bucket]
+                        del groups[next(i for i, group in enumerate(groups) if group is waiting)]
+                        if not groups:
+                            del buckets[row.bucket]
                         after = {
                             "chunk": chunk_index,
                             "reader": chunk_start,
                             "scan": index + 1,
                             "pending": {
-                                name: [entry[0] for entry in rows] for name, rows in buckets.items()
+                                name: [[entry[0] for entry in group] for group in groups]
+                                for name, groups in buckets.items()
                             },
                             "stats": copy.deepcopy(stats),
+                            "widths": copy.deepcopy(widths),
                         }
+                        emitted = True
                         yield collate([entry[1] for entry in waiting]), after
-                stats["dropped"] += sum(len(rows) for rows in buckets.values())
+                stats["dropped"] += sum(
+                    len(group) for groups in buckets.values() for group in groups
+                )
+                chunks_without_a_batch = 0 if emitted else chunks_without_a_batch + 1
+                if chunks_without_a_batch >= MAX_CHUNKS_WITHOUT_A_BATCH:
+                    raise DataQualityError(
+                        f"reader {self.reader} of {self.readers} made no batch of "
+                        f"{self.micro_batch_size} distinct samples from {chunks_without_a_batch} "
+                        f"chunks of {self.chunk_size} samples in a row: its share of the data "
+                        "(split by sample, a source with fewer shards than readers gives each "
+                        "reader 1/readers of its samples) or of one bucket is smaller than a "
+                        "micro-batch; add data, use fewer ranks or data.num_workers, a smaller "
+                        "micro-batch, fewer aspect_buckets, or a larger data.shuffle_buffer"
+                    )
                 position = {
                     "chunk": chunk_index + 1,
                     "reader": reader.snapshot(),
                     "scan": 0,
                     "pending": {},
                     "stats": stats,
+                    "widths": widths,
                 }
         finally:
             reader.close()
+
+
+def _group_without(groups: list[list[tuple[int, Decoded]]], key: str) -> list:
+    """The first waiting group that does not hold `key`; a new one, appended, if all do."""
+    for group in groups:
+        if all(row.key != key for _, row in group):
+            return group
+    groups.append([])
+    return groups[-1]
+
+
+def _pending_groups(pending: list) -> list[list[int]]:
+    """The waiting groups of one bucket from a position: lists of chunk indices (a state saved
+    before groups existed holds one flat list)."""
+    if pending and all(isinstance(index, int) for index in pending):
+        return [pending]
+    return pending
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
@@ -323,6 +419,7 @@ class WebDatasetStream:
             "shuffle_buffer": data_config.shuffle_buffer,
             "shuffle_shards": data_config.shuffle_shards,
             "max_bad_fraction": data_config.max_bad_fraction,
+            "read_timeout_seconds": data_config.read_timeout_seconds,
             "micro_batch_size": micro_batch_size,
             "seed": seed,
             "rank": rank,
@@ -343,9 +440,9 @@ class WebDatasetStream:
         return None if self.batches_per_epoch is None else self.batches // self.batches_per_epoch
 
     def _fingerprint(self) -> str:
-        described = {
-            k: v for k, v in self.settings.items() if k not in ("rank", "max_bad_fraction")
-        }
+        # settings that do not change which samples come in which order
+        ignored = ("rank", "max_bad_fraction", "read_timeout_seconds")
+        described = {k: v for k, v in self.settings.items() if k not in ignored}
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:

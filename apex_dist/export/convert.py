@@ -150,7 +150,7 @@ def _nested(mapping: Any, *keys: str) -> Any:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointFormatError(f"cannot read {path}: {error}") from error
 
 
@@ -387,18 +387,48 @@ def _model_tensor_output(
 
 
 def read_base_snapshot(path: Path) -> dict[str, LazyTensor]:
-    """The tensors (lazy, no data read) of a diffusers transformer snapshot."""
+    """The tensors (lazy, no data read) of a diffusers transformer snapshot.
+
+    Every file's header is checked (`read_safetensors_header`: offsets inside the file, not
+    overlapping, dtypes known, sizes matching shapes); a tensor stored in two files, or a
+    sharded index that names a tensor its file lacks, is refused as well.
+    """
     folder = transformer_directory(path)
     index = folder / DIFFUSERS_INDEX_NAME
+    weight_map = None
     if index.is_file():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        content = _read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(file, str) for file in weight_map.values()
+        ):
+            raise CheckpointFormatError(f"{index} has no weight_map of tensor name -> file name")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(item.name for item in folder.glob("*.safetensors"))
     if not files:
         raise CheckpointFormatError(f"{folder} holds no .safetensors weights")
     tensors: dict[str, LazyTensor] = {}
+    stored_in: dict[str, str] = {}
     for file in files:
-        tensors.update(read_safetensors_header(folder / file)[0])
+        if Path(file).name != file:
+            raise CheckpointFormatError(
+                f"{index} names weight file {file!r} outside {folder}: only file names are allowed"
+            )
+        for name, tensor in read_safetensors_header(folder / file)[0].items():
+            if name in tensors:
+                raise CheckpointFormatError(
+                    f"base snapshot {folder}: tensor {name!r} is stored twice, in "
+                    f"{stored_in[name]} and {file}"
+                )
+            tensors[name], stored_in[name] = tensor, file
+    for name, file in (weight_map or {}).items():
+        if stored_in.get(name) != file:
+            raise CheckpointFormatError(
+                f"{index} puts tensor {name!r} in {file}, but "
+                + (f"it is in {stored_in[name]}" if name in stored_in else "no file holds it")
+                + ": the index does not belong to these files"
+            )
     return tensors
 
 
@@ -567,6 +597,30 @@ def export_checkpoint(
         "model": description,
     }
 
+    base_tensors: dict[str, LazyTensor] = {}
+    if mode == "merged":
+        # the base files are checked before anything is written
+        base_tensors = read_base_snapshot(Path(options.base))
+        expected_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        problems = [
+            f"{name} missing"
+            if name not in base_tensors
+            else f"{name} has shape {tuple(base_tensors[name].shape)}, expected "
+            f"{expected_shapes[name]}"
+            for name in model_order
+            if not is_apex_key(name)
+            and name not in plain_sources
+            and (
+                name not in base_tensors or tuple(base_tensors[name].shape) != expected_shapes[name]
+            )
+        ]
+        if problems:
+            raise ModelMismatchError(
+                f"base snapshot {options.base} does not fit the model "
+                f"({len(problems)} problems, e.g. {'; '.join(problems[:4])}): it is not "
+                "the model the LoRA was trained on"
+            )
+
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
@@ -580,29 +634,6 @@ def export_checkpoint(
                     if name in plain_sources and (options.keep_apex_keys or not is_apex_key(name)):
                         outputs.append(_source_output(name, plain_sources[name], dtype, chunk))
             else:
-                base_tensors = read_base_snapshot(Path(options.base))
-                expected_shapes = {
-                    name: tuple(tensor.shape) for name, tensor in model.state_dict().items()
-                }
-                problems = [
-                    f"{name} missing"
-                    if name not in base_tensors
-                    else f"{name} has shape {tuple(base_tensors[name].shape)}, expected "
-                    f"{expected_shapes[name]}"
-                    for name in model_order
-                    if not is_apex_key(name)
-                    and name not in plain_sources
-                    and (
-                        name not in base_tensors
-                        or tuple(base_tensors[name].shape) != expected_shapes[name]
-                    )
-                ]
-                if problems:
-                    raise ModelMismatchError(
-                        f"base snapshot {options.base} does not fit the model "
-                        f"({len(problems)} problems, e.g. {'; '.join(problems[:4])}): it is not "
-                        "the model the LoRA was trained on"
-                    )
                 alpha = _lora_alpha(checkpoint, options, next(iter(lora_modules.values())).rank)
                 info["lora_alpha"] = alpha
                 for name in model_order:

@@ -38,6 +38,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from apex_dist.export.safetensors_io import read_checked_header
+from apex_dist.export.torch_archive import CheckpointFormatError
 from apex_dist.models.conditioning import ConditionShift
 from apex_dist.models.qwen_image import (
     QWEN_IMAGE_PRESETS,
@@ -204,19 +206,28 @@ def weight_files(snapshot: Union[str, Path]) -> list[Path]:
 def checkpoint_tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Path]]:
     """{key: (shape, safetensors dtype name, file)} read from the headers only (no data).
 
+    Each header is checked by the converter's reader (`read_checked_header`): a header length
+    inside the file, valid JSON, known dtypes, byte ranges that match the shapes and tile the
+    data area without overlap.
+
     Raises:
-        CheckpointError: a key stored in two files.
+        CheckpointError: a corrupt header (naming the file and the tensor), or a key stored
+            in two files.
     """
     entries: dict[str, tuple[tuple[int, ...], str, Path]] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if key in entries:
-                    raise CheckpointError(
-                        f"key {key!r} is stored twice: in {entries[key][2].name} and {path.name}"
-                    )
-                tensor_slice = handle.get_slice(key)
-                entries[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype(), path)
+        try:
+            header = read_checked_header(path)
+        except CheckpointFormatError as error:
+            raise CheckpointError(
+                f"{error}; download the snapshot's file again (or repair it)"
+            ) from None
+        for key, entry in header.tensors.items():
+            if key in entries:
+                raise CheckpointError(
+                    f"key {key!r} is stored twice: in {entries[key][2].name} and {path.name}"
+                )
+            entries[key] = (entry.shape, entry.dtype_code, path)
     return entries
 
 
