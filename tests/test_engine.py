@@ -7,6 +7,7 @@ the same process group, so that the expensive start-up is shared between asserti
 
 from __future__ import annotations
 
+import importlib
 import math
 import multiprocessing
 import os
@@ -116,12 +117,20 @@ def _entry(rank: int, port: int, scenario: str, directory: str) -> None:
     )
     torch.set_num_threads(1)
     try:
-        result = SCENARIOS[scenario](rank, Path(directory))
+        result = _scenario(scenario)(rank, Path(directory))
         with open(Path(directory) / f"result_{scenario}_{rank}.pkl", "wb") as handle:
             pickle.dump(result, handle)
     except BaseException:
         (Path(directory) / f"error_{scenario}_{rank}.txt").write_text(traceback.format_exc())
         raise
+
+
+def _scenario(name: str):
+    """A scenario of this file by name, or of another test module as "module.function"."""
+    if "." in name:
+        module, function = name.rsplit(".", 1)
+        return getattr(importlib.import_module(module), function)
+    return SCENARIOS[name]
 
 
 def _spawn(scenario: str, directory: Path, expect_crash: bool = False) -> list:
