@@ -38,6 +38,7 @@ from apex_dist.distributed.runtime import (
     init_distributed,
     logger,
 )
+from apex_dist.distributed.watchdog import Watchdog
 from apex_dist.method import sample, sample_euler
 from apex_dist.metrics import MetricsLogger
 
@@ -158,6 +159,10 @@ class Trainer:
         self.config = config
         self.info = info or init_distributed()
         self.output_dir = Path(config.train.output_dir)
+        # the run lock, leftovers, the fresh-start rule and the resume checks, before anything
+        # is written to output_dir or a model is built (checkpoint.py)
+        self.checkpoints = CheckpointManager(config, self.info)
+        resume_from = self.checkpoints.prepare_run()
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
@@ -174,14 +179,12 @@ class Trainer:
             self.rank_seed,
         )
         self.prepare = BatchPreparer(config, self.info.device)
-        self.checkpoints = CheckpointManager(config, self.info)
         self.metrics = MetricsLogger(config, self.info.rank, self.info.world_size, self.info.device)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Optional[Path] = None
         self._batches: Optional[Iterator[dict]] = None
         self._validation: Optional[dict] = None
-        resume_from = self.checkpoints.resolve_resume()
         if resume_from is not None:
             self._resume(resume_from)
 
@@ -216,7 +219,8 @@ class Trainer:
         config = self.config
         preemption = PreemptionFlag().install() if config.checkpoint.save_on_signal else None
         stopped_by = "steps"
-        saved_at = -1
+        saved_at = self.step if self.last_checkpoint is not None else -1  # resumed: saved
+        watchdog = Watchdog.start(self.output_dir, self.info, config.train.watchdog_seconds)
         try:
             if config.logging.sample_every_steps and self.step == 0:
                 self.write_validation_grid()
@@ -228,6 +232,7 @@ class Trainer:
                     batches, count_flops=self.metrics.flops_per_step is None
                 )
                 self.step += 1
+                watchdog.progress(self.step)
                 self.metrics.set_flops_per_step(result.flops)
                 keys = [key for batch in raw for key in batch.get("key", [])]
                 self.history.append(
@@ -255,6 +260,7 @@ class Trainer:
             if saved_at != self.step:
                 self.save()
         finally:
+            watchdog.stop()
             if preemption is not None:
                 preemption.uninstall()
         return TrainSummary(self.step, stopped_by, self.last_checkpoint, self.history)
@@ -263,6 +269,7 @@ class Trainer:
         """Finish wandb and free gathered parameters (the process group stays for the caller)."""
         self.metrics.close()
         self.engine.close()
+        self.checkpoints.close()
 
     # ---- validation grids -------------------------------------------------------------------
 
