@@ -266,6 +266,22 @@ def test_a_reused_pid_is_stale_and_another_host_is_refused_with_what_to_do(tmp_p
     assert "delete" in str(refused.value)
 
 
+def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_incarnation(tmp_path, monkeypatch):
+    lock_file = tmp_path / LOCK_FILE
+    owner = {"format": "apex_dist.run_lock/1", "host": "node-3", "pid": 4242}
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lock_file.write_text(json.dumps({**owner, "slurm_job": "777", "slurm_restart": 1}))
+    with pytest.raises(RunLockedError, match="node-3"):  # the same incarnation: refused
+        RunLock.acquire(tmp_path)
+    lock_file.write_text(json.dumps({**owner, "slurm_job": "778", "slurm_restart": 0}))
+    with pytest.raises(RunLockedError):  # another job
+        RunLock.acquire(tmp_path)
+    lock_file.write_text(json.dumps({**owner, "slurm_job": "777", "slurm_restart": 0}))
+    RunLock.acquire(tmp_path).release()
+    assert not lock_file.exists()
+
+
 def test_a_fresh_run_refuses_a_directory_with_checkpoints_unless_told(tmp_path):
     config = run_config(tmp_path / "run")
     old = fake_checkpoint(config, 6)

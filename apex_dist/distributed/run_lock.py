@@ -2,7 +2,8 @@
 
 `<output_dir>/run.lock` holds JSON: {"format": "apex_dist.run_lock/1", "host", "pid",
 "process_start" (the kernel's start time of the process, which tells a reused pid apart),
-"started" (local time, ISO 8601), "command"}. Rank 0 takes it before anything is written to the
+"started" (local time, ISO 8601), "command", "slurm_job" and "slurm_restart" (SLURM's job id and
+restart count, when run under SLURM)}. Rank 0 takes it before anything is written to the
 directory and removes it when the trainer closes (or, failing that, when the process exits).
 It is created complete in one step (written under a temporary name, then hard-linked to
 `run.lock`, which fails if the name exists, also on NFS), so no one ever reads a half-written
@@ -10,10 +11,11 @@ lock.
 
 A lock found at start is
 - held by a live process on this host: the start is refused, naming host, pid and start time;
-- stale (this host, but its process is gone: killed, crashed, or a reused pid): the log says
-  so and the lock is taken over;
-- held on another host: its process cannot be checked from here, so the start is refused with
-  what to do (check that host; delete the file if the run there has ended);
+- stale (this host, but its process is gone: killed, crashed, or a reused pid; or an earlier
+  incarnation of this SLURM job, which SLURM restarted after a failure or preemption, possibly
+  with rank 0 on another node): the log says so and the lock is taken over;
+- held on another host by anything else: its process cannot be checked from here, so the start
+  is refused with what to do (check that host; delete the file if the run there has ended);
 - held by this very process (an earlier trainer of the process that was not closed): taken
   over.
 """
@@ -80,6 +82,8 @@ def this_process() -> dict[str, Any]:
         "process_start": process_start_time(os.getpid()),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv)[:500],
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
     }
 
 
@@ -191,6 +195,17 @@ def _stale_reason(owner: dict, me: dict) -> Optional[str]:
         return "the lock file is unreadable or not an apex_dist lock"
     if _same_process(owner, me):
         return "it was taken by this process earlier (a trainer that was not closed)"
+    restart = owner.get("slurm_restart")
+    if (
+        me["slurm_job"] is not None
+        and owner.get("slurm_job") == me["slurm_job"]
+        and isinstance(restart, int)
+        and restart < me["slurm_restart"]
+    ):
+        return (
+            f"it was taken by an earlier incarnation of this SLURM job {me['slurm_job']} "
+            f"(restart {restart}; this is restart {me['slurm_restart']}), which SLURM ended"
+        )
     if owner.get("host") != me["host"]:
         return None
     pid = owner.get("pid")
