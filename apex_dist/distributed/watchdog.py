@@ -322,7 +322,8 @@ class Watchdog:
             f"{WATCHDOG_EXIT_CODE}"
         )
         logger.error(message)
-        print(f"[rank {self.info.rank}] {message}", file=sys.stderr, flush=True)
+        if self.info.rank == 0:  # rank 0 logs to stdout; the verdict belongs with the errors
+            print(f"[rank 0] {message}", file=sys.stderr, flush=True)
         writer = threading.Thread(
             target=self._publish_quietly, args=(verdict,), name="watchdog-verdict", daemon=True
         )
