@@ -309,6 +309,19 @@ def scenario_faults(rank: int, directory: Path) -> dict:
     result["lr_after_step"] = trainer.engine.scheduler.get_last_lr()[0]
     result["final_latest"] = _latest(run)
     trainer.close()
+
+    # resuming a run that already reached train.steps saves nothing again
+    finished = run / "checkpoints" / "step_00000003"
+    before = {path.name: path.stat().st_mtime_ns for path in finished.iterdir()}
+    trainer = _trainer(tiny_config(run, "train.steps=3", "checkpoint.resume=latest"))
+    summary = trainer.train()
+    _barrier()
+    result["finished_resume"] = {
+        "steps_done": summary.steps_done,
+        "untouched": before == {p.name: p.stat().st_mtime_ns for p in finished.iterdir()},
+        "entries": _entries(run),
+    }
+    trainer.close()
     return result
 
 
@@ -483,6 +496,16 @@ def test_a_resume_applies_this_runs_optimizer_settings(fault_runs):
         assert result["final_latest"] == "step_00000003"
 
 
+def test_resuming_a_finished_run_saves_nothing_again(fault_runs):
+    _, results = fault_runs
+    for result in results:
+        assert result["finished_resume"] == {
+            "steps_done": 3,
+            "untouched": True,
+            "entries": ["latest", "step_00000003"],
+        }
+
+
 def test_a_changed_world_size_is_refused_with_advice_that_works(fault_runs):
     directory, _ = fault_runs
     (result,) = _spawn("one_rank", directory, world_size=1)
@@ -498,7 +521,7 @@ def test_a_changed_world_size_is_refused_with_advice_that_works(fault_runs):
     assert len(result["continued_losses"]) == 1 and math.isfinite(result["continued_losses"][0])
 
 
-def test_a_stopped_rank_is_named_and_ends_the_run(tmp_path, capfd):
+def test_a_stopped_rank_is_named_and_ends_the_run(tmp_path, capfd, record_property):
     from apex_dist.distributed.watchdog import WATCHDOG_EXIT_CODE
 
     processes = _start("watchdog", tmp_path, world_size=2)
@@ -517,6 +540,7 @@ def test_a_stopped_rank_is_named_and_ends_the_run(tmp_path, capfd):
         stopped_at = time.monotonic()
         processes[0].join(WATCHDOG_TEST_SECONDS + WATCHDOG_SLACK_SECONDS)
         waited = time.monotonic() - stopped_at
+        record_property("seconds_from_sigstop_to_exit", round(waited, 1))
         assert not processes[0].is_alive(), "rank 0 still waits for the stopped rank"
         assert processes[0].exitcode == WATCHDOG_EXIT_CODE
         assert waited <= WATCHDOG_TEST_SECONDS + WATCHDOG_SLACK_SECONDS
