@@ -202,8 +202,12 @@ class Watchdog:
             return cls(Path(output_dir) / WATCHDOG_DIRECTORY, info, 0.0, 0)
         token = broadcast_integer(random.SystemRandom().getrandbits(62), info.device)
         watchdog = cls(Path(output_dir) / WATCHDOG_DIRECTORY, info, float(timeout), token)
-        watchdog.directory.mkdir(parents=True, exist_ok=True)
-        watchdog._publish()
+        try:
+            watchdog.directory.mkdir(parents=True, exist_ok=True)
+            watchdog._publish()
+        except OSError as error:  # not raised: the other ranks are already training; the
+            # judge names the filesystem if writing keeps failing for the timeout
+            logger.warning("watchdog: cannot write %s: %s", watchdog.directory, error)
         for target, name in ((watchdog._publisher, "publisher"), (watchdog._judge, "judge")):
             thread = threading.Thread(target=target, name=f"watchdog-{name}", daemon=True)
             thread.start()
