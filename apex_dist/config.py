@@ -594,6 +594,15 @@ class OptimizerConfig:
         return problems
 
 
+# Default of train.watchdog_seconds: the longest legitimate silence of a rank is one
+# checkpoint save or one validation grid (the loop marks progress every step and around saves).
+# A 20B full fine-tuning save writes about 240 GB (bf16 weights, fp32 master weights and two
+# Adam moments), about 8 minutes through one node's 0.5 GB/s to shared storage; 20 minutes
+# leaves 2.5x that, and stays below the 30-minute collective timeout DeepSpeed gives the process
+# group, so a stuck rank is named before the collective fails without naming it.
+DEFAULT_WATCHDOG_SECONDS = 1200.0
+
+
 @dataclass
 class TrainConfig:
     steps: int = option(1000, "optimizer steps")
@@ -603,6 +612,11 @@ class TrainConfig:
     output_dir: str = option("runs/default", "run directory: resolved config, checkpoints, logs")
     max_nonfinite_steps: int = option(
         3, "stop the run after this many optimizer steps in a row skipped for nan/inf"
+    )
+    watchdog_seconds: float = option(
+        DEFAULT_WATCHDOG_SECONDS,
+        "end the run (exit code 3, naming the rank and step) when a rank sends no heartbeat or "
+        "its training loop makes no progress for this long; 0 disables",
     )
 
     def validate(self, path: str) -> list[str]:
@@ -620,6 +634,11 @@ class TrainConfig:
             problems.append(
                 f"{path}.seed must be in [0, {MAX_SEED}] (got {self.seed}): numpy accepts only "
                 "seeds in this range"
+            )
+        if not 0 <= self.watchdog_seconds < float("inf"):
+            problems.append(
+                f"{path}.watchdog_seconds must be a finite number >= 0, 0 disabling the watchdog "
+                f"(got {self.watchdog_seconds})"
             )
         return problems
 
@@ -686,9 +705,20 @@ class CheckpointConfig:
     save_on_signal: bool = option(
         True, "on SIGTERM or SIGUSR1 (preemption), save a checkpoint and stop cleanly"
     )
+    overwrite: bool = option(
+        False,
+        "start fresh in an output_dir that holds checkpoints of an earlier run, deleting them "
+        "at start (without it such a start is refused); not with resume=latest",
+    )
 
     def validate(self, path: str) -> list[str]:
         problems = []
+        if self.overwrite and self.resume == "latest":
+            problems.append(
+                f"{path}.overwrite=true deletes the checkpoints of output_dir at start, and "
+                f"{path}.resume=latest resumes from them: set resume=null to start over, or "
+                "overwrite=false to continue"
+            )
         if self.every_steps < 0:
             problems.append(f"{path}.every_steps must be >= 0 (got {self.every_steps})")
         if self.keep_last < 1:

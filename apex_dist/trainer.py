@@ -39,6 +39,7 @@ from apex_dist.distributed.runtime import (
     init_distributed,
     logger,
 )
+from apex_dist.distributed.watchdog import Watchdog
 from apex_dist.metrics import MetricsLogger, quiet_library_output, resolve_run_id
 from apex_dist.validation import ValidationGrid
 
@@ -88,6 +89,10 @@ class Trainer:
         quiet_library_output()
         self.info = info or init_distributed()
         self.output_dir = Path(config.train.output_dir)
+        # the run lock, leftovers, the fresh-start rule and the resume checks, before anything
+        # is written to output_dir or a model is built (checkpoint.py)
+        self.checkpoints = CheckpointManager(config, self.info)
+        resume_from = self.checkpoints.prepare_run()
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
@@ -104,13 +109,11 @@ class Trainer:
             self.rank_seed,
         )
         self.prepare = BatchPreparer(config, self.info.device, self.rank_seed)
-        self.checkpoints = CheckpointManager(config, self.info)
-        resume_from = self.checkpoints.resolve_resume()
         self.run_id = resolve_run_id(self.output_dir, resume=config.checkpoint.resume is not None)
         self.metrics = MetricsLogger(
             config, self.info.rank, self.info.world_size, self.info.device, run_id=self.run_id
         )
-        self.validation = ValidationGrid(self)
+        self.validation = ValidationGrid(self, fresh=resume_from is None)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Optional[Path] = None
@@ -150,7 +153,8 @@ class Trainer:
         preemption = PreemptionFlag().install() if config.checkpoint.save_on_signal else None
         watch = LauncherWatch.for_this_process(preemption) if preemption is not None else None
         stopped_by = "steps"
-        saved_at = -1
+        saved_at = self.step if self.last_checkpoint is not None else -1  # resumed: saved
+        watchdog = Watchdog.start(self.output_dir, self.info, config.train.watchdog_seconds)
         try:
             if config.logging.sample_every_steps and self.step == 0:
                 self.validation.write(self.step)
@@ -165,6 +169,7 @@ class Trainer:
                     batches, count_flops=self.metrics.flops_per_step is None
                 )
                 self.step += 1
+                watchdog.progress(self.step)
                 self.metrics.set_flops_per_step(result.flops)
                 result.metrics["truncated_prompts"] = float(self.prepare.truncated_prompts)
                 self.prepare.truncated_prompts = 0
@@ -204,6 +209,7 @@ class Trainer:
         finally:
             if watch is not None:
                 watch.stop()
+            watchdog.stop()
             if preemption is not None:
                 preemption.uninstall()
         return TrainSummary(self.step, stopped_by, self.last_checkpoint, self.history)
@@ -212,3 +218,4 @@ class Trainer:
         """Finish wandb and free gathered parameters (the process group stays for the caller)."""
         self.metrics.close()
         self.engine.close()
+        self.checkpoints.close()

@@ -60,14 +60,18 @@ class ValidationGrid:
 
     Args:
         trainer: the Trainer (its config, engine, preparer, stream factory, metrics, rank).
+        fresh: the run starts at step 0 (not resumed): a teacher file left by an earlier run of
+            the directory is not this run's and is removed.
     """
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, fresh: bool = True):
         self.trainer = trainer
         self.config = trainer.config
         self.directory = Path(self.config.train.output_dir) / "samples"
         self._batch: Optional[dict] = None
         self._teacher: Optional[Tensor] = None
+        if fresh and trainer.info.is_main:
+            (self.directory / TEACHER_FILE).unlink(missing_ok=True)
 
     # ---- the fixed batch ---------------------------------------------------------------------
 

@@ -6,9 +6,10 @@
 
 Parses the arguments, loads and validates the config (every problem reported before anything
 heavy starts), builds the trainer, trains, cleans up. `--local_rank` (passed by the DeepSpeed
-launcher) is accepted; the rank comes from the environment. Exit codes: 0 done or stopped
-cleanly by a preemption signal after saving, 2 invalid configuration, 1 any other error
-(printed with the rank that raised it).
+launcher) is accepted; the rank comes from the environment. Exit codes: 0 done, or stopped
+cleanly after saving (a signal, or the launcher gone), 2 invalid configuration, 3 ended by the
+watchdog (a rank stopped making progress, `train.watchdog_seconds`), 1 any other error (printed
+with the rank that raised it).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from apex_dist.config import QWEN_IMAGE_PRESET_NAMES, Config
 from apex_dist.distributed.deepspeed_config import build_deepspeed_config, needs_partitioned_shadow
 from apex_dist.distributed.runtime import RankInfo, logger
+from apex_dist.distributed.safe_loading import install_guarded_engine
 from apex_dist.distributed.shadow import ShadowWeights
 from apex_dist.method import build_objective
 
@@ -541,16 +542,26 @@ class TrainingEngine:
     # ---- checkpoints ------------------------------------------------------------------------
 
     def save(self, manager, step: int, rank_state: dict[str, Any]):
+        """Collective: a finite, complete checkpoint of this step (checkpoint.py), with every
+        DeepSpeed write through the guarded engine (safe_loading.py)."""
+        install_guarded_engine(self.deepspeed)
         return manager.save(
             step,
             self.deepspeed,
             rank_state,
             self.shadows,
             exclude_frozen_parameters=self.lora,
+            parameters=self.trainable_parameters(),
         )
 
     def load(self, manager, path) -> dict[str, Any]:
-        """Restore model, optimizer, scheduler and shadows from `path`; return the rank state."""
+        """Restore model, optimizer, scheduler and shadows from `path`; return the rank state.
+
+        Collective. Every file is checked for pickled code before DeepSpeed's load starts and
+        read with `weights_only=True` (safe_loading.py). The optimizer settings of this run's
+        config then replace the restored ones (`_apply_optimizer_settings`)."""
+        install_guarded_engine(self.deepspeed)
+        manager.check_loadable(path, self.shadows)
         load_path, _ = self.deepspeed.load_checkpoint(
             str(path.parent),
             tag=path.name,
@@ -560,9 +571,52 @@ class TrainingEngine:
         )
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint to load in {path}")
-        for prefix, shadow in self.shadows.items():
-            manager.load_shadow(path, prefix, shadow)
-        return manager.load_rank_state(path)
+        state = manager.load_local_state(path, self.shadows)
+        self._apply_optimizer_settings()
+        return state
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a load: this run's lr, betas, eps, weight decay and gradient clipping replace
+        the checkpoint's, and the learning rate at the restored step follows this run's
+        schedule (warm-up, cosine, train.steps); each change is logged. Without this the
+        restored scheduler and optimizer would silently keep the old values."""
+        options = self.config.optimizer
+        scheduler = self.scheduler
+        wanted = {
+            "lr": options.lr,
+            "betas": tuple(options.betas),
+            "eps": options.eps,
+            "weight_decay": options.weight_decay,
+        }
+        restored = dict(scheduler.optimizer.param_groups[0])
+        restored["lr"] = scheduler.base_lrs[0]
+        for name, value in wanted.items():
+            current = tuple(restored[name]) if name == "betas" else restored[name]
+            if current != value:
+                logger.info(
+                    "optimizer.%s: the checkpoint's %s is replaced by this run's %s",
+                    name,
+                    current,
+                    value,
+                )
+        factor = learning_rate_factor(self.config)(scheduler.last_epoch)
+        for group in scheduler.optimizer.param_groups:
+            group["betas"] = wanted["betas"]
+            group["eps"] = wanted["eps"]
+            group["weight_decay"] = wanted["weight_decay"]
+            group["initial_lr"] = options.lr
+            group["lr"] = options.lr * factor
+        scheduler.base_lrs = [options.lr] * len(scheduler.optimizer.param_groups)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        zero_optimizer = self.deepspeed.optimizer
+        if getattr(zero_optimizer, "clip_grad", options.grad_clip) != options.grad_clip:
+            logger.info(
+                "optimizer.grad_clip: the checkpoint's %s is replaced by this run's %s",
+                zero_optimizer.clip_grad,
+                options.grad_clip,
+            )
+        if hasattr(zero_optimizer, "clip_grad"):
+            zero_optimizer.clip_grad = options.grad_clip
 
     def close(self) -> None:
         self.release_gathered()

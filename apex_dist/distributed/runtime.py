@@ -97,6 +97,29 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+def ranks_where(flag: bool, device: torch.device) -> list[int]:
+    """The ranks on which `flag` is True, the same list on every rank (one small all-reduce).
+
+    Used where one rank's failure (a refused file, a full disk) must end every rank at the same
+    point instead of leaving the others waiting in the next collective.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [0] if flag else []
+    flags = torch.zeros(dist.get_world_size(), device=device)
+    flags[dist.get_rank()] = 1.0 if flag else 0.0
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    return [rank for rank, value in enumerate(flags.tolist()) if value > 0]
+
+
+def broadcast_integer(value: int, device: torch.device, source: int = 0) -> int:
+    """`value` of rank `source` on every rank (a decision one rank takes for all)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=source)
+    return int(tensor.item())
+
+
 class PreemptionFlag:
     """Records SIGTERM / SIGUSR1 instead of dying, so the loop can save and stop cleanly.
 
