@@ -18,7 +18,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -1000,17 +999,9 @@ def to_dict(config: Any) -> dict:
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(to_dict(config), sort_keys=False)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    from apex_dist.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:

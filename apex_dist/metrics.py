@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 
+from apex_dist.atomic import atomic_write_text
 from apex_dist.config import Config
 
 logger = logging.getLogger("apex_dist")
@@ -67,10 +68,7 @@ def resolve_run_id(output_dir: Path, resume: bool) -> str:
     if is_main and (not resume or not path.is_file()):
         name = Path(output_dir).resolve().name or "run"
         run_id = f"{name}-{secrets.token_hex(RUN_ID_RANDOM_HEX // 2)}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(run_id + "\n")
-        temporary.replace(path)
+        atomic_write_text(path, run_id + "\n")
     if dist.is_initialized():
         dist.barrier()
     return path.read_text().strip()

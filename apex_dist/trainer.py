@@ -28,7 +28,7 @@ import torch
 
 from apex_dist.config import Config, save_config
 from apex_dist.data.prepare import BatchPreparer
-from apex_dist.distributed.checkpoint import CheckpointManager, set_rng_state
+from apex_dist.distributed.checkpoint import CheckpointManager
 from apex_dist.distributed.engine import TrainingEngine
 from apex_dist.distributed.launcher_watch import LauncherWatch
 from apex_dist.distributed.runtime import (
@@ -108,6 +108,7 @@ class Trainer:
             config.train.micro_batch_size,
             self.rank_seed,
         )
+        self.checkpoints.track("data", self.stream)  # saved and restored with every checkpoint
         self.prepare = BatchPreparer(config, self.info.device, self.rank_seed)
         self.run_id = resolve_run_id(self.output_dir, resume=config.checkpoint.resume is not None)
         self.metrics = MetricsLogger(
@@ -127,18 +128,14 @@ class Trainer:
         differences = self.checkpoints.check_compatible(path)
         for key, old, new in differences:
             logger.info("resuming with a changed setting %s: %r -> %r", key, old, new)
-        state = self.engine.load(self.checkpoints, path)
+        state = self.engine.load(self.checkpoints, path)  # model, optimizer, scheduler, shadows
+        self.checkpoints.restore_components(state, path)  # data position, RNG
         self.step = int(state["step"])
-        self.stream.load_state_dict(state["data"])
-        set_rng_state(state["rng"], self.info.device)
         self.last_checkpoint = path
         logger.info("resumed from %s at step %d", path, self.step)
 
-    def rank_state(self) -> dict[str, Any]:
-        return {"data": self.stream.state_dict()}
-
     def save(self) -> Path:
-        self.last_checkpoint = self.engine.save(self.checkpoints, self.step, self.rank_state())
+        self.last_checkpoint = self.engine.save(self.checkpoints, self.step)
         return self.last_checkpoint
 
     def next_batches(self) -> list[dict]:

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from apex_dist.atomic import atomic_path
 from apex_dist.method import sample, sample_euler
 
 logger = logging.getLogger("apex_dist")
@@ -151,10 +152,8 @@ class ValidationGrid:
             return None
         self._teacher = self._sample(teacher, None)
         if self.trainer.info.is_main:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.tmp")
-            save_file({"samples": self._teacher.contiguous()}, str(temporary))
-            temporary.replace(path)
+            with atomic_path(path) as temporary:
+                save_file({"samples": self._teacher.contiguous()}, str(temporary))
         return self._teacher
 
     # ---- the grid ----------------------------------------------------------------------------
@@ -257,7 +256,5 @@ def save_labelled_grid(
         draw.multiline_text(
             (left, caption_top), "\n".join(caption_lines(prompt, cell_width)), fill="black"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    canvas.save(temporary, format="PNG")
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        canvas.save(temporary, format="PNG")

@@ -79,11 +79,10 @@ def write_deepspeed_env(directory: str = ".") -> str:
         for name in DEEPSPEED_ENV_VARIABLES
         if os.environ.get(name) and "\n" not in os.environ[name]
     ]
+    from apex_dist.atomic import atomic_write_text
+
     path = os.path.join(directory, DEEPSPEED_ENV_FILE)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        handle.write("".join(line + "\n" for line in lines))
-    os.replace(temporary, path)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
     return path
 
 

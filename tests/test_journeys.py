@@ -119,11 +119,11 @@ class Launch:
         return self.output
 
 
-def deepspeed_launch(config: Path, *overrides: str, ranks: int = 2) -> Launch:
+def launch_with(tool: str, ranks_option: str, config: Path, overrides, ranks: int) -> Launch:
     return Launch(
         [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
+            str(BIN / tool),
+            ranks_option,
             str(ranks),
             "--master_port",
             str(free_port()),
@@ -133,22 +133,14 @@ def deepspeed_launch(config: Path, *overrides: str, ranks: int = 2) -> Launch:
             *overrides,
         ]
     )
+
+
+def deepspeed_launch(config: Path, *overrides: str, ranks: int = 2) -> Launch:
+    return launch_with("deepspeed", "--num_gpus", config, overrides, ranks)
 
 
 def torchrun_launch(config: Path, *overrides: str, ranks: int = 2) -> Launch:
-    return Launch(
-        [
-            str(BIN / "torchrun"),
-            "--nproc_per_node",
-            str(ranks),
-            "--master_port",
-            str(free_port()),
-            LAUNCHER,
-            "--config",
-            str(config),
-            *overrides,
-        ]
-    )
+    return launch_with("torchrun", "--nproc_per_node", config, overrides, ranks)
 
 
 def latest(run: Path) -> int:

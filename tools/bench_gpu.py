@@ -27,13 +27,10 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -439,16 +436,9 @@ def compare(ours: dict[str, Any], theirs: Optional[dict[str, Any]], peak: Option
 
 def write_json(results: dict[str, Any], path: str) -> None:
     """Write the results atomically (temporary name, then rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(results, stream, indent=2, default=str)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    from apex_dist.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(results, indent=2, default=str))
 
 
 # --------------------------------------------------------------------------------------------

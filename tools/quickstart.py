@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from apex_dist.atomic import atomic_path
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 # The teacher the repository ships: `fm` pretraining by this driver (docs/quickstart.md gives
@@ -319,10 +321,8 @@ def write_image_grid(columns: list[torch.Tensor], path: Path, per_row: int = 8) 
             left = column_index * (group_width + 3 * gap) + (index % per_row) * (width + gap)
             grid[:, top : top + height, left : left + width] = image
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(temporary, format="PNG")
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
 
 
 def stage_evaluate(settings: Settings) -> dict:

@@ -14,6 +14,7 @@ import os
 import tarfile
 from pathlib import Path
 
+from apex_dist.atomic import atomic_path, atomic_write_bytes
 from apex_dist.data.sources import INDEX_FILE_NAME
 
 # Default shard size: large enough for efficient sequential reads from object storage, small
@@ -24,9 +25,7 @@ MEMBER_MTIME = 0
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.parent / f".{path.name}.tmp"
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    atomic_write_bytes(path, data)
 
 
 def update_index(directory: Path, counts: dict[str, int]) -> None:
@@ -141,22 +140,17 @@ def write_shard(path: str | Path, samples) -> int:
 
     Returns the number of samples written. An error leaves no file at `path`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.tmp"
     count = 0
-    try:
-        with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as archive:
-            for key, members in samples:
-                for extension, data in members.items():
-                    info = tarfile.TarInfo(f"{key}.{extension}")
-                    info.size = len(data)
-                    info.mtime = MEMBER_MTIME
-                    info.mode = 0o644
-                    archive.addfile(info, io.BytesIO(data))
-                count += 1
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with (
+        atomic_path(path) as temporary,
+        tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as archive,
+    ):
+        for key, members in samples:
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                info.mtime = MEMBER_MTIME
+                info.mode = 0o644
+                archive.addfile(info, io.BytesIO(data))
+            count += 1
     return count

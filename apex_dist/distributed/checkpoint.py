@@ -59,18 +59,36 @@ import base64
 import json
 import os
 import random
-import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy
 import torch
 import yaml
 from torch import Tensor, nn
 
+from apex_dist.atomic import atomic_path, atomic_write_text
+from apex_dist.checkpoint_layout import (
+    CHECKPOINTS_SUBDIRECTORY,
+    CONFIG_FILE,
+    INCOMPLETE_PREFIX,
+    LATEST_FILE,
+    RANK_STATE_FORMAT,
+    REMOVING_PREFIX,
+    REPLACED_PREFIX,
+    TAG_PATTERN,
+    ZERO2_MODEL_STATES,
+    LatestFileError,
+    legacy_rank_state_file,
+    published_tags,
+    rank_state_file,
+    read_latest,
+    shadow_file,
+    step_of_tag,
+    tag_for_step,
+)
 from apex_dist.config import QWEN_IMAGE_PRESET_NAMES, Config, save_config, to_dict
 from apex_dist.distributed.run_lock import RunLock
 from apex_dist.distributed.runtime import RankInfo, broadcast_integer, logger, ranks_where
@@ -82,13 +100,6 @@ from apex_dist.distributed.safe_loading import (
 )
 from apex_dist.distributed.watchdog import mark_progress
 
-TAG_PATTERN = re.compile(r"^step_(\d{8})$")
-INCOMPLETE_PREFIX = ".incomplete_"
-REPLACED_PREFIX = ".replaced_"
-REMOVING_PREFIX = ".removing_checkpoints_"
-LATEST_FILE = "latest"
-CONFIG_FILE = "config.yaml"
-RANK_STATE_FORMAT = "apex_dist.rank_state/2"
 # Config sections whose change makes a checkpoint a different model: resuming across them is
 # refused unless checkpoint.allow_config_changes. The condition shift is part of the model.
 MODEL_DEFINING_PREFIXES = ("model.", "method.condition_shift.", "parallel.zero_stage")
@@ -97,50 +108,10 @@ START_FRESH = -1
 RESUME_EXPLICIT_PATH = -2
 
 
-def tag_for_step(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of_tag(tag: str) -> int:
-    return int(TAG_PATTERN.match(tag).group(1))
-
-
-def rank_file(prefix: str, rank: int) -> str:
-    return f"{prefix}_rank_{rank:05d}.pt"
-
-
-def rank_state_file(rank: int) -> str:
-    return f"rank_state_{rank:05d}.json"
-
-
-def legacy_rank_state_file(rank: int) -> str:
-    """The pickled rank state of earlier versions, never loaded (it could run code)."""
-    return f"rank_state_{rank:05d}.pt"
-
-
 def atomic_torch_save(value: Any, path: Path) -> None:
-    """torch.save to a temporary name in the same directory, then rename."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    """torch.save, published atomically (apex_dist.atomic)."""
+    with atomic_path(path) as temporary:
         torch.save(value, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +200,31 @@ def decode_rank_state(path: Path) -> dict[str, Any]:
         if key not in state["rng"]:
             raise CheckpointLoadError(f"{path}: rng.{key} is missing: a damaged checkpoint")
     return state
+
+
+class Stateful(Protocol):
+    """What a checkpoint component offers: its state as JSON values, and a way back."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RandomState:
+    """The random generators of this process as a checkpoint component."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state, self.device)
+
+
+# Keys of a rank state that are the manager's own, not a component's.
+RESERVED_STATE_KEYS = ("format", "step", "world_size", "rank")
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,49 +325,55 @@ class CheckpointManager:
         self.config = config
         self.info = info
         self.output_dir = Path(config.train.output_dir)
-        self.directory = self.output_dir / "checkpoints"
+        self.directory = self.output_dir / CHECKPOINTS_SUBDIRECTORY
         self.lock: Optional[RunLock] = None
+        # stateful components saved in every rank state (JSON) and restored on resume, by name;
+        # the model, optimizer, scheduler and shadows are the engine's (DeepSpeed's files)
+        self.components: dict[str, Stateful] = {"rng": RandomState(info.device)}
+
+    def track(self, name: str, component: Stateful) -> None:
+        """Save `component.state_dict()` under `name` with every checkpoint and restore it
+        with `load_state_dict` on resume. Its state must be JSON values."""
+        if name in self.components or name in RESERVED_STATE_KEYS:
+            raise ValueError(f"checkpoint component name {name!r} is taken")
+        self.components[name] = component
+
+    def restore_components(self, state: dict[str, Any], path: Path) -> None:
+        """Give every tracked component its part of a loaded rank state."""
+        missing = [name for name in self.components if name not in state]
+        if missing:
+            raise CheckpointLoadError(
+                f"the rank state of {path} has no {', '.join(missing)}: it was saved by a run "
+                "that did not keep them"
+            )
+        for name, component in self.components.items():
+            component.load_state_dict(state[name])
 
     # ---- finding ----------------------------------------------------------------------------
 
     def complete_tags(self) -> list[str]:
         """Published checkpoints, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(
-            entry.name
-            for entry in self.directory.iterdir()
-            if entry.is_dir() and TAG_PATTERN.match(entry.name)
-        )
+        return published_tags(self.directory)
 
     def _tag_from_latest(self) -> Optional[str]:
         """The tag `latest` names (checked to be a checkpoint of this directory), the newest
         tag when there is no `latest`, or None when there is no checkpoint."""
-        latest = self.directory / LATEST_FILE
-        if not latest.is_file():
+        try:
+            tag = read_latest(self.directory)
+        except LatestFileError as error:
+            raise ResumeRefusedError(
+                f"{error} (or set checkpoint.resume to a checkpoint directory)"
+            ) from None
+        if tag is None:
             tags = self.complete_tags()
             if tags:
                 logger.warning(
-                    "%s is missing; resuming from the newest checkpoint %s", latest, tags[-1]
+                    "%s is missing; resuming from the newest checkpoint %s",
+                    self.directory / LATEST_FILE,
+                    tags[-1],
                 )
                 return tags[-1]
-            return None
-        text = latest.read_text(errors="replace").strip()
-        path = self.directory / text
-        inside = (
-            TAG_PATTERN.match(text) is not None
-            and path.is_dir()
-            and path.resolve().parent == self.directory.resolve()
-        )
-        if not inside:
-            raise ResumeRefusedError(
-                f"{latest} names {text[:200]!r}, which is not a checkpoint of this run (a "
-                f"step_XXXXXXXX directory in {self.directory}): it was edited, damaged or "
-                "written by something else. Delete it to resume from the newest checkpoint "
-                f"({', '.join(self.complete_tags()[-3:]) or 'none'}), or set checkpoint.resume "
-                "to a checkpoint directory"
-            )
-        return text
+        return tag
 
     def resolve_resume(self) -> Optional[Path]:
         """The checkpoint directory to resume from, or None to start fresh (rank-local)."""
@@ -532,7 +534,6 @@ class CheckpointManager:
         self,
         step: int,
         deepspeed_engine,
-        rank_state: dict[str, Any],
         shadows: dict[str, Any],
         exclude_frozen_parameters: bool,
         parameters: Optional[dict[str, nn.Parameter]] = None,
@@ -563,7 +564,7 @@ class CheckpointManager:
                 exclude_frozen_parameters=exclude_frozen_parameters,
             )
             if guarded.failure is None:
-                self._write_rank_files(temporary, step, rank_state, shadows)
+                self._write_rank_files(temporary, step, shadows)
         except OSError as caught:
             guarded.record(caught.filename or temporary, caught)
         except Exception as caught:  # raised below on this rank, after the others know
@@ -631,23 +632,20 @@ class CheckpointManager:
             f"({previous}). Resume from it with a lower optimizer.lr or check the data"
         )
 
-    def _write_rank_files(
-        self, temporary: Path, step: int, rank_state: dict[str, Any], shadows: dict[str, Any]
-    ) -> None:
+    def _write_rank_files(self, temporary: Path, step: int, shadows: dict[str, Any]) -> None:
         temporary.mkdir(parents=True, exist_ok=True)
         state = {
             "format": RANK_STATE_FORMAT,
             "step": step,
             "world_size": self.info.world_size,
             "rank": self.info.rank,
-            "rng": rng_state(self.info.device),
-            **rank_state,
+            **{name: component.state_dict() for name, component in self.components.items()},
         }
         atomic_write_text(temporary / rank_state_file(self.info.rank), encode_rank_state(state))
         for prefix, shadow in shadows.items():
             if shadow.zero_stage == 3 or self.info.is_main:
                 atomic_torch_save(
-                    shadow.state_dict(), temporary / rank_file(prefix, self.info.rank)
+                    shadow.state_dict(), temporary / shadow_file(prefix, self.info.rank)
                 )
         if self.info.is_main:
             save_config(self.config, temporary / CONFIG_FILE)
@@ -743,10 +741,10 @@ class CheckpointManager:
         """Collective: every rank checks the files it will read for pickled code before any
         rank starts DeepSpeed's load (module doc)."""
         rank = self.info.rank
-        files = [path / "mp_rank_00_model_states.pt"]
+        files = [path / ZERO2_MODEL_STATES]
         files += sorted(path.glob(f"*zero_pp_rank_{rank}_mp_rank_*_states.pt"))
         for prefix, shadow in shadows.items():
-            files.append(path / rank_file(prefix, rank if shadow.zero_stage == 3 else 0))
+            files.append(path / shadow_file(prefix, rank if shadow.zero_stage == 3 else 0))
         error: Optional[BaseException] = None
         try:
             for file in files:
@@ -786,7 +784,7 @@ class CheckpointManager:
 
     def load_shadow(self, path: Path, prefix: str, shadow) -> None:
         rank = self.info.rank if shadow.zero_stage == 3 else 0
-        file = path / rank_file(prefix, rank)
+        file = path / shadow_file(prefix, rank)
         if not file.is_file():
             raise FileNotFoundError(
                 f"{file} is missing: the run keeps {prefix} weights but the checkpoint has none "

@@ -541,14 +541,14 @@ class TrainingEngine:
 
     # ---- checkpoints ------------------------------------------------------------------------
 
-    def save(self, manager, step: int, rank_state: dict[str, Any]):
+    def save(self, manager, step: int):
         """Collective: a finite, complete checkpoint of this step (checkpoint.py), with every
-        DeepSpeed write through the guarded engine (safe_loading.py)."""
+        DeepSpeed write through the guarded engine (safe_loading.py); the manager adds the
+        components it tracks (data position, RNG)."""
         install_guarded_engine(self.deepspeed)
         return manager.save(
             step,
             self.deepspeed,
-            rank_state,
             self.shadows,
             exclude_frozen_parameters=self.lora,
             parameters=self.trainable_parameters(),

@@ -25,9 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from apex_dist.checkpoint_layout import SHADOW_FORMAT
 from apex_dist.method.reference import ema_update_, warmed_up_decay
-
-SHADOW_FORMAT = "apex_dist.ema/1"
 
 
 def local_tensor(parameter: nn.Parameter) -> Tensor:

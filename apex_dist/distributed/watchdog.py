@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from apex_dist.atomic import atomic_write_text
 from apex_dist.distributed.runtime import RankInfo, broadcast_integer, logger
 
 WATCHDOG_DIRECTORY = ".watchdog"
@@ -265,9 +266,7 @@ class Watchdog:
 
     def _publish(self, stopped: bool = False, verdict: Optional[str] = None) -> None:
         path = heartbeat_file(self.directory, self.info.rank)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(self._state(stopped, verdict)))
-        os.replace(temporary, path)
+        atomic_write_text(path, json.dumps(self._state(stopped, verdict)), durable=False)
 
     def _read_peers(self) -> None:
         now = time.monotonic()

@@ -518,27 +518,32 @@ def _verify(directory: Path, file_outputs: dict[str, list[OutputTensor]]) -> Non
                 del stored
 
 
-def export_checkpoint(
-    checkpoint_path: str | os.PathLike,
-    output: str | os.PathLike,
-    options: ExportOptions | None = None,
-    tag: str | None = None,
-) -> ExportReport:
-    """Export one checkpoint tag to `output` (a directory created by the export).
+@dataclass
+class ExportPlan:
+    """Everything an export reads, checked before anything is written."""
 
-    Every input is parsed and checked before anything is written; the files are written into a
-    temporary sibling directory that replaces `output` only when complete.
-    """
-    options = options or ExportOptions()
-    started = time.perf_counter()
-    output = Path(output)
-    if output.exists() and not options.overwrite:
-        raise FileExistsError(
-            f"output directory {output} already exists; remove it or pass --overwrite"
-        )
-    checkpoint = DeepSpeedCheckpoint.open(checkpoint_path, tag)
+    checkpoint: DeepSpeedCheckpoint
+    mode: str
+    dtype_name: str
+    model: QwenImageTransformer
+    description: dict
+    lora_modules: dict[str, LoraModule]
+    plain_sources: dict[str, TensorSource]
+    base_tensors: dict[str, LazyTensor]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def model_order(self) -> list[str]:
+        return list(self.model.state_dict())
+
+
+def _trained_or_ema(checkpoint: DeepSpeedCheckpoint, weights: str) -> dict[str, TensorSource]:
+    """The checkpoint's trainable tensors (frozen ones included), or their EMA."""
     trainable = {**checkpoint.frozen, **checkpoint.parameters}
-    if options.weights == "ema":
+    if weights == "ema":
         ema = checkpoint.ema_parameters()
         missing = sorted(set(checkpoint.parameters) - set(ema))
         if missing:
@@ -547,32 +552,64 @@ def export_checkpoint(
                 f"parameters (e.g. {missing[0]}): they do not belong to this checkpoint"
             )
         trainable.update(ema)
-    lora_modules = collect_lora_modules(trainable)
-    mode = options.mode
-    if mode == "auto":
-        mode = "lora" if lora_modules else "full"
-    if mode in ("lora", "merged") and not lora_modules:
+    return trainable
+
+
+def _resolve_mode(requested: str, has_lora: bool, checkpoint: DeepSpeedCheckpoint, base) -> str:
+    mode = requested if requested != "auto" else ("lora" if has_lora else "full")
+    if mode in ("lora", "merged") and not has_lora:
         raise ModelMismatchError(
             f"mode {mode} needs a LoRA checkpoint, but {checkpoint.tag_directory} has no "
             "lora_A/lora_B tensors; use --mode full"
         )
-    if mode == "full" and lora_modules:
+    if mode == "full" and has_lora:
         raise ModelMismatchError(
             f"{checkpoint.tag_directory} is a LoRA checkpoint (its base weights are not saved); "
             "use --mode lora, or --mode merged --base SNAPSHOT_DIR for full weights"
         )
-    if mode == "merged" and options.base is None:
+    if mode == "merged" and base is None:
         raise ModelMismatchError("mode merged needs --base SNAPSHOT_DIR with the base weights")
+    return mode
+
+
+def _checked_base(
+    base: Path, model: QwenImageTransformer, plain_sources: dict[str, TensorSource]
+) -> dict[str, LazyTensor]:
+    """The base snapshot's tensors, checked against the model before anything is written."""
+    base_tensors = read_base_snapshot(base)
+    expected_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    problems = [
+        f"{name} missing"
+        if name not in base_tensors
+        else f"{name} has shape {tuple(base_tensors[name].shape)}, expected {expected_shapes[name]}"
+        for name in expected_shapes
+        if not is_apex_key(name)
+        and name not in plain_sources
+        and (name not in base_tensors or tuple(base_tensors[name].shape) != expected_shapes[name])
+    ]
+    if problems:
+        raise ModelMismatchError(
+            f"base snapshot {base} does not fit the model ({len(problems)} problems, e.g. "
+            f"{'; '.join(problems[:4])}): it is not the model the LoRA was trained on"
+        )
+    return base_tensors
+
+
+def plan_export(
+    checkpoint_path: str | os.PathLike, options: ExportOptions, tag: str | None = None
+) -> ExportPlan:
+    """Open and check every input of an export (nothing is written)."""
+    checkpoint = DeepSpeedCheckpoint.open(checkpoint_path, tag)
+    trainable = _trained_or_ema(checkpoint, options.weights)
+    lora_modules = collect_lora_modules(trainable)
+    mode = _resolve_mode(options.mode, bool(lora_modules), checkpoint, options.base)
     dtype_name = options.dtype or ("fp32" if mode == "lora" else "bf16")
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype {dtype_name!r} is unknown; choose one of {', '.join(DTYPES)}")
-    dtype = DTYPES[dtype_name]
-
     model, description = build_reference_model(checkpoint, options)
     check_against_model(
         model, description, trainable, checkpoint.buffers, lora_modules, mode == "full"
     )
-    chunk = options.chunk_elements
     lora_names = {
         name for module in lora_modules.values() for name in (module.down.name, module.up.name)
     }
@@ -581,9 +618,151 @@ def export_checkpoint(
         for name, source in {**checkpoint.buffers, **trainable}.items()
         if name not in lora_names
     }
-    model_order = list(model.state_dict())
-    report = ExportReport(output=output, mode=mode)
+    base_tensors = (
+        _checked_base(Path(options.base), model, plain_sources) if mode == "merged" else {}
+    )
+    return ExportPlan(
+        checkpoint,
+        mode,
+        dtype_name,
+        model,
+        description,
+        lora_modules,
+        plain_sources,
+        base_tensors,
+    )
+
+
+def _write_full(
+    staging: Path, plan: ExportPlan, options: ExportOptions, report: ExportReport, info: dict
+) -> dict[str, list[OutputTensor]]:
+    """Full or merged weights in diffusers' snapshot layout (transformer folder)."""
+    chunk, dtype, sources = options.chunk_elements, plan.dtype, plan.plain_sources
+    outputs = []
+    if plan.mode == "full":
+        for name in plan.model_order:
+            if name in sources and (options.keep_apex_keys or not is_apex_key(name)):
+                outputs.append(_source_output(name, sources[name], dtype, chunk))
+    else:
+        first = next(iter(plan.lora_modules.values()))
+        alpha = _lora_alpha(plan.checkpoint, options, first.rank)
+        info["lora_alpha"] = alpha
+        for name in plan.model_order:
+            if is_apex_key(name) and not (options.keep_apex_keys and name in sources):
+                continue
+            outputs.append(
+                _model_tensor_output(
+                    name, sources, plan.base_tensors, plan.lora_modules, alpha, dtype, chunk
+                )
+            )
+    weight_map = _write_sharded(staging, outputs, options.max_shard_bytes, report)
     file_outputs: dict[str, list[OutputTensor]] = {}
+    for tensor in outputs:
+        file_outputs.setdefault(weight_map[tensor.name], []).append(tensor)
+    _write_json(staging / DIFFUSERS_CONFIG_NAME, plan.model.diffusers_config())
+    report.files.append(DIFFUSERS_CONFIG_NAME)
+    info["apex_keys"] = "kept" if options.keep_apex_keys else "left out"
+    return file_outputs
+
+
+def _write_lora(
+    staging: Path, plan: ExportPlan, options: ExportOptions, report: ExportReport, info: dict
+) -> dict[str, list[OutputTensor]]:
+    """Adapters in diffusers' and/or ComfyUI's naming, and the APEX extras file."""
+    chunk, dtype = options.chunk_elements, plan.dtype
+    ranks = {module.rank for module in plan.lora_modules.values()}
+    if len(ranks) != 1:
+        raise ModelMismatchError(f"LoRA modules have different ranks {sorted(ranks)}")
+    rank = ranks.pop()
+    alpha = _lora_alpha(plan.checkpoint, options, rank)
+    info.update({"lora_rank": rank, "lora_alpha": alpha})
+    unknown_formats = set(options.lora_formats) - {"diffusers", "comfyui"}
+    if unknown_formats or not options.lora_formats:
+        raise ValueError(
+            f"LoRA formats {sorted(unknown_formats) or '(none)'}: choose diffusers and/or comfyui"
+        )
+    # adapters on APEX modules (E2) are folded into the extras file instead: diffusers and
+    # ComfyUI have no such modules
+    modules = [
+        plan.lora_modules[name]
+        for name in sorted(plan.lora_modules)
+        if not is_apex_key(f"{name}.weight")
+    ]
+    file_outputs: dict[str, list[OutputTensor]] = {}
+    if "diffusers" in options.lora_formats:
+        outputs = []
+        for module in modules:
+            down_name, up_name = diffusers_lora_names(module.module)
+            outputs.append(_source_output(down_name, module.down, dtype, chunk))
+            outputs.append(_source_output(up_name, module.up, dtype, chunk))
+        adapter = {
+            f"{DIFFUSERS_LORA_PREFIX}r": rank,
+            f"{DIFFUSERS_LORA_PREFIX}lora_alpha": alpha,
+            f"{DIFFUSERS_LORA_PREFIX}target_modules": [module.module for module in modules],
+        }
+        metadata = {
+            "format": "pt",
+            DIFFUSERS_LORA_METADATA_KEY: json.dumps(adapter, sort_keys=True),
+        }
+        write_safetensors(staging / DIFFUSERS_LORA_NAME, outputs, metadata)
+        file_outputs[DIFFUSERS_LORA_NAME] = outputs
+    if "comfyui" in options.lora_formats:
+        outputs = []
+        for module in modules:
+            down_name, up_name, alpha_name = comfyui_lora_names(module.module)
+            outputs.append(_source_output(down_name, module.down, dtype, chunk))
+            outputs.append(_source_output(up_name, module.up, dtype, chunk))
+            alpha_value = torch.tensor(alpha, dtype=dtype)
+            outputs.append(OutputTensor(alpha_name, (), dtype, lambda value=alpha_value: [value]))
+        write_safetensors(staging / COMFYUI_LORA_NAME, outputs, {"format": "pt"})
+        file_outputs[COMFYUI_LORA_NAME] = outputs
+    extras = [
+        _model_tensor_output(name, plan.plain_sources, {}, plan.lora_modules, alpha, dtype, chunk)
+        for name in plan.model_order
+        if is_apex_key(name) and name in plan.plain_sources
+    ]
+    if extras:
+        write_safetensors(staging / APEX_EXTRA_NAME, extras, {"format": "pt"})
+        file_outputs[APEX_EXTRA_NAME] = extras
+    for name, tensors in file_outputs.items():
+        report.files.append(name)
+        report.tensors += len(tensors)
+        report.bytes_written += sum(tensor.byte_size() for tensor in tensors)
+    return file_outputs
+
+
+def _replace_directory(staging: Path, output: Path) -> None:
+    """Put the finished `staging` directory at `output` (an old output is replaced whole)."""
+    if output.exists():
+        retired = output.parent / f".{output.name}.replaced-{os.getpid()}"
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(output)
+
+
+def export_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    output: str | os.PathLike,
+    options: ExportOptions | None = None,
+    tag: str | None = None,
+) -> ExportReport:
+    """Export one checkpoint tag to `output` (a directory created by the export).
+
+    Every input is parsed and checked before anything is written (`plan_export`); the files
+    are written into a temporary sibling directory that replaces `output` only when complete.
+    """
+    options = options or ExportOptions()
+    started = time.perf_counter()
+    output = Path(output)
+    if output.exists() and not options.overwrite:
+        raise FileExistsError(
+            f"output directory {output} already exists; remove it or pass --overwrite"
+        )
+    plan = plan_export(checkpoint_path, options, tag)
+    checkpoint = plan.checkpoint
+    report = ExportReport(output=output, mode=plan.mode)
     info: dict[str, Any] = {
         "format": "apex_dist.export/1",
         "source": str(checkpoint.tag_directory),
@@ -592,138 +771,25 @@ def export_checkpoint(
         "zero_stage": checkpoint.zero_stage,
         "world_size": checkpoint.world_size,
         "weights": options.weights,
-        "mode": mode,
-        "dtype": dtype_name,
-        "model": description,
+        "mode": plan.mode,
+        "dtype": plan.dtype_name,
+        "model": plan.description,
     }
-
-    base_tensors: dict[str, LazyTensor] = {}
-    if mode == "merged":
-        # the base files are checked before anything is written
-        base_tensors = read_base_snapshot(Path(options.base))
-        expected_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-        problems = [
-            f"{name} missing"
-            if name not in base_tensors
-            else f"{name} has shape {tuple(base_tensors[name].shape)}, expected "
-            f"{expected_shapes[name]}"
-            for name in model_order
-            if not is_apex_key(name)
-            and name not in plain_sources
-            and (
-                name not in base_tensors or tuple(base_tensors[name].shape) != expected_shapes[name]
-            )
-        ]
-        if problems:
-            raise ModelMismatchError(
-                f"base snapshot {options.base} does not fit the model "
-                f"({len(problems)} problems, e.g. {'; '.join(problems[:4])}): it is not "
-                "the model the LoRA was trained on"
-            )
-
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir()
     try:
-        if mode in ("full", "merged"):
-            outputs = []
-            if mode == "full":
-                for name in model_order:
-                    if name in plain_sources and (options.keep_apex_keys or not is_apex_key(name)):
-                        outputs.append(_source_output(name, plain_sources[name], dtype, chunk))
-            else:
-                alpha = _lora_alpha(checkpoint, options, next(iter(lora_modules.values())).rank)
-                info["lora_alpha"] = alpha
-                for name in model_order:
-                    if is_apex_key(name) and not (options.keep_apex_keys and name in plain_sources):
-                        continue
-                    outputs.append(
-                        _model_tensor_output(
-                            name, plain_sources, base_tensors, lora_modules, alpha, dtype, chunk
-                        )
-                    )
-            weight_map = _write_sharded(staging, outputs, options.max_shard_bytes, report)
-            for tensor in outputs:
-                file_outputs.setdefault(weight_map[tensor.name], []).append(tensor)
-            _write_json(staging / DIFFUSERS_CONFIG_NAME, model.diffusers_config())
-            report.files.append(DIFFUSERS_CONFIG_NAME)
-            info["apex_keys"] = "kept" if options.keep_apex_keys else "left out"
-        else:
-            ranks = {module.rank for module in lora_modules.values()}
-            if len(ranks) != 1:
-                raise ModelMismatchError(f"LoRA modules have different ranks {sorted(ranks)}")
-            rank = ranks.pop()
-            alpha = _lora_alpha(checkpoint, options, rank)
-            info.update({"lora_rank": rank, "lora_alpha": alpha})
-            # adapters on APEX modules (E2) are folded into the extras file instead: diffusers
-            # and ComfyUI have no such modules
-            modules = [
-                lora_modules[name]
-                for name in sorted(lora_modules)
-                if not is_apex_key(f"{name}.weight")
-            ]
-            unknown_formats = set(options.lora_formats) - {"diffusers", "comfyui"}
-            if unknown_formats or not options.lora_formats:
-                raise ValueError(
-                    f"LoRA formats {sorted(unknown_formats) or '(none)'}: choose diffusers "
-                    "and/or comfyui"
-                )
-            if "diffusers" in options.lora_formats:
-                outputs = []
-                for module in modules:
-                    down_name, up_name = diffusers_lora_names(module.module)
-                    outputs.append(_source_output(down_name, module.down, dtype, chunk))
-                    outputs.append(_source_output(up_name, module.up, dtype, chunk))
-                adapter = {
-                    f"{DIFFUSERS_LORA_PREFIX}r": rank,
-                    f"{DIFFUSERS_LORA_PREFIX}lora_alpha": alpha,
-                    f"{DIFFUSERS_LORA_PREFIX}target_modules": [module.module for module in modules],
-                }
-                metadata = {
-                    "format": "pt",
-                    DIFFUSERS_LORA_METADATA_KEY: json.dumps(adapter, sort_keys=True),
-                }
-                write_safetensors(staging / DIFFUSERS_LORA_NAME, outputs, metadata)
-                file_outputs[DIFFUSERS_LORA_NAME] = outputs
-            if "comfyui" in options.lora_formats:
-                outputs = []
-                for module in modules:
-                    down_name, up_name, alpha_name = comfyui_lora_names(module.module)
-                    outputs.append(_source_output(down_name, module.down, dtype, chunk))
-                    outputs.append(_source_output(up_name, module.up, dtype, chunk))
-                    alpha_value = torch.tensor(alpha, dtype=dtype)
-                    outputs.append(
-                        OutputTensor(alpha_name, (), dtype, lambda value=alpha_value: [value])
-                    )
-                write_safetensors(staging / COMFYUI_LORA_NAME, outputs, {"format": "pt"})
-                file_outputs[COMFYUI_LORA_NAME] = outputs
-            extras = [
-                _model_tensor_output(name, plain_sources, {}, lora_modules, alpha, dtype, chunk)
-                for name in model_order
-                if is_apex_key(name) and name in plain_sources
-            ]
-            if extras:
-                write_safetensors(staging / APEX_EXTRA_NAME, extras, {"format": "pt"})
-                file_outputs[APEX_EXTRA_NAME] = extras
-            for name in file_outputs:
-                report.files.append(name)
-                report.tensors += len(file_outputs[name])
-                report.bytes_written += sum(tensor.byte_size() for tensor in file_outputs[name])
+        write = _write_full if plan.mode in ("full", "merged") else _write_lora
+        file_outputs = write(staging, plan, options, report, info)
         if options.verify:
             _verify(staging, file_outputs)
             report.verified = True
         info["files"] = sorted(report.files)
         _write_json(staging / EXPORT_INFO_NAME, info)
         report.files.append(EXPORT_INFO_NAME)
-        if output.exists():
-            retired = output.parent / f".{output.name}.replaced-{os.getpid()}"
-            output.rename(retired)
-            staging.rename(output)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(output)
+        _replace_directory(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

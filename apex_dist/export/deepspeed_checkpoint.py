@@ -34,6 +34,18 @@ from typing import Any
 import torch
 import yaml
 
+from apex_dist.checkpoint_layout import (
+    CHECKPOINTS_SUBDIRECTORY,
+    EMA_FILE,
+    LATEST_FILE,
+    OPTIMIZER_STATES,
+    ZERO2_MODEL_STATES,
+    ZERO3_MODEL_STATES,
+    LatestFileError,
+    read_latest,
+)
+from apex_dist.checkpoint_layout import CONFIG_FILE as RUN_CONFIG_FILE
+from apex_dist.checkpoint_layout import SHADOW_FORMAT as EMA_FORMAT
 from apex_dist.export.torch_archive import (
     CheckpointFormatError,
     LazyTensor,
@@ -44,17 +56,6 @@ from apex_dist.export.torch_archive import (
 # Largest piece read at once while streaming: 64 MiB of fp32 (bounds memory and keeps reads
 # large enough to run at disk speed).
 DEFAULT_CHUNK_ELEMENTS = 16 * 1024 * 1024
-# File names of DeepSpeed's checkpoint layout (deepspeed/runtime/engine.py).
-ZERO2_MODEL_STATES = "mp_rank_00_model_states.pt"
-ZERO3_MODEL_STATES = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-OPTIMIZER_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-LATEST_FILE = "latest"
-# apex_dist's additions to a tag directory (the engine's checkpoint contract, docs/training.md).
-RUN_CONFIG_FILE = "config.yaml"
-EMA_FILE = re.compile(r"^ema_rank_(\d+)\.pt$")
-EMA_FORMAT = "apex_dist.ema/1"
-# The subdirectory of a run's output directory that holds its checkpoints.
-CHECKPOINTS_SUBDIRECTORY = "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,10 @@ def resolve_tag_directory(path: str | Path, tag: str | None = None) -> Path:
                 f"{path} has no 'latest' file; choose a tag with --tag (available: "
                 f"{', '.join(tags)})"
             )
-        tag = latest.read_text().strip()
+        try:
+            tag = read_latest(path)
+        except LatestFileError as error:
+            raise CheckpointFormatError(f"{error} (--tag chooses one)") from None
     tag_directory = path / tag
     if not tag_directory.is_dir() or not _has_model_states(tag_directory):
         available = ", ".join(tags) if tags else "none"
