@@ -242,6 +242,8 @@ def test_j1_prompt_only_lora_resumes_with_decoded_grids_and_one_wandb_run(
     first = deepspeed_launch(LORA, *common, "train.steps=4").succeed()
     assert "step 4/4 loss" in first and latest(run) == 4
     assert "kernels: attention auto" in first  # what the run chose is in its log
+    assert "FutureWarning" not in first  # no per-step library lines between the progress lines
+    assert first.count(" loss ") == first.count("step 2/4 loss") + first.count("step 4/4 loss")
     run_id = (run / "run_id").read_text().strip()
     second = deepspeed_launch(LORA, *common, "train.steps=6").succeed()
     assert "resumed from" in second and "at step 4" in second

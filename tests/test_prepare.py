@@ -169,3 +169,43 @@ def test_launcher_watch_raises_the_flag_when_the_launcher_exits():
     launcher.wait()
     assert flag.reason is not None and str(launcher.pid) in flag.reason
     assert launcher_ancestors() == {}  # pytest has no launcher among its ancestors
+
+
+def test_kernels_of_the_config_are_applied_and_a_forced_backend_that_cannot_run_is_refused():
+    import apex_kernels
+    from apex_dist.distributed.engine import apply_kernels
+    from apex_dist.models.qwen_image import QwenImageTransformer
+
+    model = QwenImageTransformer.from_preset("qwen-image-tiny")
+    try:
+        config = prompt_config("model.kernels.attention_backend=math", "model.kernels.fused=false")
+        description = apply_kernels(model, config, CPU)
+        assert apex_kernels.get_attention_backend() == "math"
+        assert apex_kernels.get_fused_kernels() == "never"
+        assert "attention math" in description and "fused kernels off" in description
+        cuda_only = prompt_config("model.kernels.attention_backend=cudnn")
+        with pytest.raises(ValueError, match="attention_backend='cudnn' cannot run here"):
+            apply_kernels(model, cuda_only, CPU)
+    finally:
+        apex_kernels.configure()  # the process-wide defaults for the other tests
+
+
+def test_the_text_encoder_follows_model_dtype_and_text_max_length(tmp_path, monkeypatch):
+    from apex_dist.models import text_encoder
+
+    seen = {}
+
+    def fake_from_snapshot(snapshot, dtype, device, max_length):
+        seen.update(dtype=dtype, max_length=max_length)
+        raise RuntimeError("stop here")
+
+    from apex_dist.models.tiny import write_transformer_snapshot
+
+    write_transformer_snapshot(tmp_path)
+    monkeypatch.setattr(text_encoder.QwenTextEncoder, "from_snapshot", fake_from_snapshot)
+    config = prompt_config(
+        f"model.pretrained={tmp_path}", "model.dtype=bf16", "model.text_max_length=77"
+    )
+    with pytest.raises(RuntimeError, match="stop here"):
+        BatchPreparer(config, CPU, rank_seed=0).text_encoder()
+    assert seen == {"dtype": torch.bfloat16, "max_length": 77}

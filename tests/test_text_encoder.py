@@ -106,6 +106,12 @@ def test_max_length_truncates_like_diffusers(snapshot, pipeline, monkeypatch):
     # the causal model's first tokens do not see the ones cut off
     full, _ = QwenTextEncoder(model, tokenizer).encode(PROMPTS[1:2])
     torch.testing.assert_close(features[1], full[0, :max_length], atol=1e-6, rtol=0)
+    # every prompt longer than max_length is counted (the trainer logs truncated_prompts)
+    lengths = [int(QwenTextEncoder(model, tokenizer).encode([p])[1].sum()) for p in PROMPTS]
+    assert short.last_truncated == sum(length > max_length for length in lengths) > 0
+    short.encode(["A"])  # with the template's closing tokens, exactly max_length
+    assert int(QwenTextEncoder(model, tokenizer).encode(["A"])[1].sum()) <= max_length
+    assert short.last_truncated == 0
 
 
 def test_no_gradients_and_only_the_language_model_is_kept(encoder):
