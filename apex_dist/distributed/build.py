@@ -41,19 +41,6 @@ from apex_dist.models.spec import ModelSpec, model_spec
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def zero_init_config(deepspeed_config: dict, dtype: torch.dtype) -> dict:
-    """The DeepSpeed config for `deepspeed.zero.Init` that creates parameters in `dtype`.
-
-    zero.Init takes the dtype from the config's bf16/fp16 switches; its explicit `dtype`
-    argument is ignored on devices without fp16 support (DeepSpeed 0.19.8 picks bf16 on CPU),
-    and a LoRA run keeps DeepSpeed in fp32 while its base is bf16.
-    """
-    config = dict(deepspeed_config)
-    config["bf16"] = {"enabled": dtype == torch.bfloat16}
-    config["fp16"] = {"enabled": dtype == torch.float16}
-    return config
-
-
 def build_training_model(config: Config, info: RankInfo, deepspeed_config: dict) -> nn.Module:
     """The velocity model as it will train: steps 1-7 of the module doc."""
     spec = model_spec(config.model.preset)
@@ -86,7 +73,10 @@ def build_base_model(
 
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     if stage3:
-        context = deepspeed.zero.Init(config_dict_or_path=zero_init_config(deepspeed_config, dtype))
+        from apex_dist.distributed.zero_loading import zero_init_config
+
+        init_config = zero_init_config(deepspeed_config, dtype, override=True)
+        context = deepspeed.zero.Init(config_dict_or_path=init_config)
     else:
         context = torch.device(info.device)
     with context:

@@ -18,13 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import torch
-from torch import nn
-
 from apex_dist.models.spec import (
     LatentGeometry,
     ModelSpec,
-    ParameterContext,
     condition_shift_arguments,
 )
 
@@ -109,13 +105,7 @@ class QwenImageSpec(ModelSpec):
         shift = condition_shift_arguments(condition_shift or self.default_condition_shift)
         return QwenImageTransformer.from_diffusers_config(architecture, **shift)
 
-    def load_pretrained(
-        self,
-        model: nn.Module,
-        snapshot: Union[str, Path],
-        dtype: Union[str, torch.dtype],
-        parameter_context: Optional[ParameterContext] = None,
-    ) -> list[str]:
+    def load_pretrained(self, model, snapshot, dtype, parameter_context=None) -> list[str]:
         from apex_dist.models.loading import load_transformer_weights
 
         return load_transformer_weights(model, snapshot, dtype, parameter_context)
