@@ -519,8 +519,9 @@ class QwenImageTransformer(nn.Module):
     """Qwen-Image's MMDiT with APEX's second time embedding and condition shift.
 
     Parameter names and shapes equal diffusers' `QwenImageTransformer2DModel` built from the
-    same config; the APEX additions live under `time_text_embed_2.` (E2) and
-    `condition_shift.` (a, b). Presets: `QWEN_IMAGE_PRESETS`.
+    same config; the APEX additions live under `time_text_embed_2.` (E2, built with random
+    values of its own, after every other module; `conditioning.init_apex_weights` sets it to
+    E1) and `condition_shift.` (a, b). Presets: declared by the specs (`QWEN_IMAGE_PRESETS`).
 
     Args:
         patch_size: side of the square latent patches packed into one token.
