@@ -121,8 +121,9 @@ def init_apex_weights(model: nn.Module, parameter_context: Optional[ParameterCon
 class ConditionShift(nn.Module):
     """c_fake = scale * c + bias on the rows flagged fake; other rows pass unchanged.
 
-    The two values are created on the CPU whatever the default device, so that a model built
-    on the meta device keeps them (they come from the config, never from a snapshot).
+    The two values are created where tensors are created by default (the device context, or
+    zero.Init's device), except on the meta device: there they are created on the CPU, so that
+    a model built on meta keeps them (they come from the config, never from a snapshot).
 
     Args:
         scale: a of Eq. 9 (default: `method.condition_shift.scale` of the config schema).
@@ -137,8 +138,10 @@ class ConditionShift(nn.Module):
         learnable: bool = DEFAULT_CONDITION_SHIFT.learnable,
     ):
         super().__init__()
-        scale_tensor = torch.tensor(float(scale), device="cpu")
-        bias_tensor = torch.tensor(float(bias), device="cpu")
+        on_meta = torch.empty(0).device.type == "meta"  # where the current context creates
+        device = torch.device("cpu") if on_meta else None
+        scale_tensor = torch.tensor(float(scale), device=device)
+        bias_tensor = torch.tensor(float(bias), device=device)
         if learnable:
             self.scale = nn.Parameter(scale_tensor)
             self.bias = nn.Parameter(bias_tensor)

@@ -320,7 +320,7 @@ def build_transformer(
         init_context: a context to build under instead of `device` (for example
             `deepspeed.zero.Init(...)`, which partitions each parameter as it is created).
         shift_scale, shift_bias, shift_learnable: the condition shift (method.md section 2);
-            its two values live on the CPU even on a meta model (`ConditionShift`).
+            its two values live on the CPU on a meta model (`ConditionShift`).
 
     Raises:
         CheckpointError: `source` is neither a preset nor an existing snapshot (a Path or a
