@@ -1,21 +1,55 @@
+import pytest
 import torch
 from torch import nn
 
-from apex_dist.models import ConditionShift, DualTimeEmbedding, ToyVelocityModel
-from apex_dist.models.toy import TimeEmbedder
+from apex_dist.models import ConditionShift, ToyVelocityModel, init_apex_weights
+from apex_dist.models.conditioning import combine_time_embeddings
+from apex_dist.models.toy import ModulatedBlock, TimeEmbedder
 
 
-def test_second_time_embedding_starts_as_a_copy_and_vanishes_at_tt_equal_t():
+def test_second_time_embedding_is_its_own_module_set_to_the_first_by_init_apex_weights():
     torch.manual_seed(0)
-    embedder = TimeEmbedder(32)
-    dual = DualTimeEmbedding(embedder)
-    for first, second in zip(dual.primary.parameters(), dual.target.parameters(), strict=True):
-        assert torch.equal(first, second) and first.data_ptr() != second.data_ptr()
+    model = ToyVelocityModel(text_dim=4, hidden_size=32, num_blocks=2)
+    first = dict(model.time_text_embed.named_parameters())
+    second = dict(model.time_text_embed_2.named_parameters())
+    assert not any(torch.equal(first[name], second[name]) for name in first)  # drawn on its own
+    init_apex_weights(model)
+    for name, parameter in second.items():
+        assert (
+            torch.equal(parameter, first[name]) and parameter.data_ptr() != first[name].data_ptr()
+        )
     t = torch.rand(6)
-    assert torch.equal(dual(t, t), embedder(t))
+    embedding = model.time_text_embed
+    assert torch.equal(combine_time_embeddings(embedding(t), embedding(t), t, t), embedding(t))
     tt = t * 0.5
-    expected = embedder(t) + embedder(tt) * (t - tt)[:, None]
-    assert torch.allclose(dual(t, tt), expected, atol=1e-6)
+    expected = embedding(t) + embedding(tt) * (t - tt)[:, None]
+    combined = combine_time_embeddings(embedding(t), model.time_text_embed_2(tt), t, tt)
+    assert torch.allclose(combined, expected, atol=1e-6)
+
+
+def test_second_time_embedding_is_drawn_last_so_other_weights_keep_their_random_stream():
+    """E2 draws after every other module: the other weights are those the network drew before
+    E2 was a module of its own (text input, E1, input, blocks, output, in that order)."""
+    torch.manual_seed(0)
+    model = ToyVelocityModel(text_dim=4, hidden_size=32, num_blocks=2)
+    torch.manual_seed(0)
+    expected = {
+        "text_input": nn.Linear(4, 32),
+        "time_text_embed": TimeEmbedder(32),
+        "input": nn.Linear(2, 32),
+        "blocks": nn.ModuleList(ModulatedBlock(32) for _ in range(2)),
+        "output_norm": nn.LayerNorm(32),
+        "output": nn.Linear(32, 2),
+        "time_text_embed_2": TimeEmbedder(32),
+    }
+    for name, module in expected.items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(model.get_submodule(name).state_dict()[key], value), (name, key)
+
+
+def test_init_apex_weights_refuses_a_model_without_two_time_embeddings():
+    with pytest.raises(ValueError, match="time_text_embed_2"):
+        init_apex_weights(nn.Linear(2, 2))
 
 
 def test_dual_time_model_equals_the_pretrained_model_at_tt_equal_t():
@@ -24,7 +58,7 @@ def test_dual_time_model_equals_the_pretrained_model_at_tt_equal_t():
     model = ToyVelocityModel(text_dim=4, hidden_size=32, num_blocks=2)
     # train E2 away from E1 so the check is not trivially about identical weights
     with torch.no_grad():
-        for parameter in model.time_embedding.target.parameters():
+        for parameter in model.time_text_embed_2.parameters():
             parameter.add_(torch.randn_like(parameter))
     x, t = torch.randn(5, 2), torch.rand(5)
     text, mask = torch.randn(5, 2, 4), torch.ones(5, 2, dtype=torch.bool)
@@ -33,7 +67,7 @@ def test_dual_time_model_equals_the_pretrained_model_at_tt_equal_t():
     class Pretrained(nn.Module):  # the same network with only the first time embedding
         def forward(self, x_t, t):
             tokens = model.text_input(text)
-            condition = model.time_embedding.primary(t) + tokens.mean(1)
+            condition = model.time_text_embed(t) + tokens.mean(1)
             hidden = model.input(x_t)
             for block in model.blocks:
                 hidden = block(hidden, condition)

@@ -219,6 +219,38 @@ def test_apex_checkpoint_keeps_its_own_second_time_embedding(reference, snapshot
         assert torch.equal(model.state_dict()[key], extra[key]), key
 
 
+@pytest.mark.parametrize("learnable", [False, True])
+def test_a_snapshot_condition_shift_is_compared_with_the_config_never_applied(
+    snapshot_copy, caplog, learnable
+):
+    """The config is the one source of the shift: a snapshot storing other values (an apex_dist
+    export) is reported by a warning naming both, and the model keeps the config's."""
+
+    def add_shift(tensors):
+        tensors["condition_shift.scale"] = torch.tensor(-1.0)
+        tensors["condition_shift.bias"] = torch.tensor(0.25)
+        return tensors
+
+    edit_first_shard(snapshot_copy, add_shift)
+    with caplog.at_level("WARNING", logger="apex_dist"):
+        model = load_pretrained_transformer(snapshot_copy, "fp32", shift_learnable=learnable)
+    assert model.condition_shift.scale.item() == -0.5 and model.condition_shift.bias.item() == 1
+    warnings = [record.getMessage() for record in caplog.records]
+    assert any(
+        "condition_shift.scale = -1.0" in message
+        and "method.condition_shift.scale = -0.5" in message
+        for message in warnings
+    ), warnings
+    assert any("condition_shift.bias = 0.25" in message for message in warnings), warnings
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="apex_dist"):
+        agreeing = load_pretrained_transformer(
+            snapshot_copy, "fp32", shift_scale=-1.0, shift_bias=0.25, shift_learnable=learnable
+        )
+    assert agreeing.condition_shift.scale.item() == -1.0
+    assert not [record for record in caplog.records if "condition_shift" in record.getMessage()]
+
+
 @pytest.mark.parametrize("build_on", ["meta", "cpu"])
 def test_bf16_load_casts_every_tensor(reference, sharded_snapshot, build_on):
     model = build_transformer(sharded_snapshot, device=build_on)

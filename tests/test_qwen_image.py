@@ -17,6 +17,7 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 
 import apex_kernels
+from apex_dist.models import init_apex_weights, model_spec
 from apex_dist.models.qwen_image import (
     QWEN_IMAGE_PRESETS,
     QwenImageTransformer,
@@ -145,13 +146,31 @@ def test_state_dict_is_diffusers_plus_exactly_the_apex_keys(pretrained):
     QwenImageTransformer2DModel(**TINY).load_state_dict(exported, strict=True)
 
 
-def test_second_time_embedding_is_a_copy_of_the_first_after_construction_and_loading(pretrained):
-    model = QwenImageTransformer(**TINY)
+def test_random_init_is_diffusers_then_e2_drawn_last_and_set_to_e1():
+    """Built from a seed, every diffusers weight equals diffusers' own init and E2 draws after
+    all of them (the random stream of every run is unchanged by E2 being a module of its own);
+    `init_apex_weights` then makes E2 an equal copy of E1."""
+    from apex_dist.models.qwen_image import TimeEmbedding
+
+    torch.manual_seed(0)
+    theirs = QwenImageTransformer2DModel(**TINY).state_dict()
+    expected_e2 = TimeEmbedding(TINY["num_attention_heads"] * TINY["attention_head_dim"])
+    torch.manual_seed(0)
+    model = model_spec("qwen-image-tiny").build(QWEN_IMAGE_PRESETS["qwen-image-tiny"])
+    ours = model.state_dict()
+    assert all(torch.equal(ours[key], value) for key, value in theirs.items())
+    for key, value in expected_e2.state_dict().items():
+        assert torch.equal(ours[f"time_text_embed_2.{key}"], value), key
+    init_apex_weights(model)
     pairs = zip(
         model.time_text_embed.parameters(), model.time_text_embed_2.parameters(), strict=True
     )
     for first, second in pairs:
         assert torch.equal(first, second) and first.data_ptr() != second.data_ptr()
+
+
+def test_second_time_embedding_is_the_loaded_first_after_loading_a_diffusers_state(pretrained):
+    model = QwenImageTransformer(**TINY)
     missing = model.load_pretrained_state_dict(pretrained.state_dict())
     assert set(missing) == APEX_KEYS
     loaded = pretrained.time_text_embed.timestep_embedder.state_dict()

@@ -37,7 +37,10 @@ import torch
 from torch import nn
 
 import apex_kernels
-from apex_dist.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageTransformer
+from apex_dist.models.conditioning import init_apex_weights
+from apex_dist.models.qwen_image import QWEN_IMAGE_PRESETS
+from apex_dist.models.spec import ModelSpec, model_spec
+from apex_dist.models.specs.qwen_image import SPEC as QWEN_IMAGE_SPEC
 from apex_kernels.attention import (
     BACKENDS,
     choose_backend,
@@ -46,8 +49,6 @@ from apex_kernels.attention import (
     unsupported_reason,
 )
 
-# Qwen-Image's VAE downsamples 8x per side; the transformer packs patch_size^2 latents.
-VAE_DOWNSAMPLE = 8
 # Text tokens of the issue's benchmark (4096 image + 256 text tokens at 1024x1024).
 DEFAULT_TEXT_TOKENS = 256
 DEFAULT_RESOLUTION = 1024
@@ -76,33 +77,23 @@ class NoCudaError(RuntimeError):
 # counting
 
 
-def image_grid(preset: dict[str, Any], resolution: int) -> tuple[int, int, int]:
-    """(frames, height, width) in patches of a square image of `resolution` pixels."""
-    side = resolution // (VAE_DOWNSAMPLE * preset["patch_size"])
-    if side < 1 or resolution % (VAE_DOWNSAMPLE * preset["patch_size"]):
-        raise ValueError(
-            f"--resolution {resolution} must be a positive multiple of "
-            f"{VAE_DOWNSAMPLE * preset['patch_size']} (VAE factor x patch size)"
-        )
-    return (1, side, side)
+def image_grid(
+    preset: dict[str, Any], resolution: int, spec: ModelSpec = QWEN_IMAGE_SPEC
+) -> tuple[int, int, int]:
+    """(frames, height, width) in tokens of a square image of `resolution` pixels, by the
+    spec's latent geometry (Qwen-Image: VAE factor 8 x patch size)."""
+    if resolution < 1:
+        raise ValueError(f"--resolution {resolution} must be positive")
+    return spec.geometry(preset).image_shape(resolution, resolution)
 
 
-def forward_flops(preset: dict[str, Any], image_tokens: int, text_tokens: int) -> int:
-    """Matmul FLOPs of one forward of one sample (2 per multiply-add).
-
-    Per block and token: q, k, v, out projections (4 D^2) and the MLP (2 * 4 D^2) in each
-    stream; joint attention 2 * 2 * S^2 * D over S = image + text tokens; plus the input and
-    output projections. The per-sample modulation and time embedding are negligible and left
-    out. At 20B and 1024x1024 this is 7.31e13, so the baseline's 0.212 s is 345 TFLOP/s.
-    """
-    width = preset["num_attention_heads"] * preset["attention_head_dim"]
-    tokens = image_tokens + text_tokens
-    linear_per_token = 12 * width * width
-    per_block = 2 * linear_per_token * tokens + 4 * tokens * tokens * width
-    patch_channels = preset["patch_size"] ** 2 * preset["out_channels"]
-    io = 2 * width * (image_tokens * (preset["in_channels"] + patch_channels))
-    io += 2 * width * text_tokens * preset["joint_attention_dim"]
-    return preset["num_layers"] * per_block + io
+def forward_flops(
+    preset: dict[str, Any], image_tokens: int, text_tokens: int, spec: ModelSpec = QWEN_IMAGE_SPEC
+) -> int:
+    """Matmul FLOPs of one forward of one sample (2 per multiply-add), as the spec counts them
+    (`QwenImageSpec.forward_flops`). At 20B and 1024x1024 this is 7.31e13, so the baseline's
+    0.212 s is 345 TFLOP/s."""
+    return spec.forward_flops(preset, image_tokens, text_tokens)
 
 
 def lora_step_flops(preset: dict[str, Any], image_tokens: int, text_tokens: int) -> int:
@@ -250,8 +241,10 @@ def make_inputs(preset, grid, text_tokens, batch, device, dtype) -> dict[str, to
 
 
 def build_apex_model(preset_name, device, dtype, compile_blocks) -> nn.Module:
+    spec = model_spec(preset_name)
     with default_dtype(dtype), torch.device(device):
-        model = QwenImageTransformer.from_preset(preset_name)
+        model = spec.build(spec.presets[preset_name])
+    init_apex_weights(model)
     if compile_blocks:
         apex_kernels.compile_blocks(model)
     return model.eval()
@@ -493,8 +486,9 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
     else:
         device = torch.device("cuda")
     dtype = DTYPES[arguments.dtype]
-    preset = QWEN_IMAGE_PRESETS[arguments.preset]
-    grid = image_grid(preset, arguments.resolution)
+    spec = model_spec(arguments.preset)
+    preset = spec.presets[arguments.preset]
+    grid = image_grid(preset, arguments.resolution, spec)
     image_tokens = grid[0] * grid[1] * grid[2]
     sections = set(arguments.sections)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

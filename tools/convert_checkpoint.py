@@ -22,11 +22,11 @@ from apex_dist.export.convert import (
     ExportOptions,
     ModelMismatchError,
     export_checkpoint,
+    exportable_presets,
     format_bytes,
     parse_size,
 )
 from apex_dist.export.torch_archive import CheckpointFormatError
-from apex_dist.models.qwen_image import QWEN_IMAGE_PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", type=Path, help="snapshot with the base weights (mode merged)")
     parser.add_argument(
         "--preset",
-        choices=tuple(QWEN_IMAGE_PRESETS),
+        choices=tuple(exportable_presets()),
         help="model to check against, instead of the checkpoint's config.yaml",
     )
     parser.add_argument(

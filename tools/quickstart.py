@@ -88,6 +88,15 @@ class Settings:
 # ---- helpers ------------------------------------------------------------------------------
 
 
+def quickstart_spec():
+    """The model spec of the quickstart config's preset (its text encoder, pixel codec and
+    transformer)."""
+    from apex_dist.config import load_config
+    from apex_dist.models.spec import model_spec
+
+    return model_spec(load_config(CONFIG, []).model.preset)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -178,8 +187,6 @@ def export_model(run_dir: Path, output: Path) -> None:
 
 def stage_data(settings: Settings) -> dict:
     from apex_dist.data.synthetic import write_synthetic_shards
-    from apex_dist.models.pixels import PixelCodec
-    from apex_dist.models.text_encoder import QwenTextEncoder
     from apex_dist.models.tiny import write_text_snapshot
     from apex_tools.encode_prompts import encode_shards
 
@@ -200,10 +207,12 @@ def stage_data(settings: Settings) -> dict:
             resolution=RESOLUTION,
             samples_per_shard=-(-settings.scenes // settings.shards),
         )
-    text_encoder = QwenTextEncoder.from_snapshot(snapshot, device="cpu", max_length=32)
+    spec = quickstart_spec()
+    text_encoder = spec.text_encoder(snapshot, torch.bfloat16, "cpu", max_length=32)
+    codec = spec.image_codec(None, torch.float32, "cpu")  # the pixel codec: no snapshot
     sources = sorted(str(path) for path in data.glob("shapes-*.tar"))
     summary = encode_shards(
-        sources, encoded, text_encoder, PixelCodec(), batch_size=64, resolution=RESOLUTION
+        sources, encoded, text_encoder, codec, batch_size=64, resolution=RESOLUTION
     )
     return {
         "skipped": False,
@@ -267,10 +276,12 @@ def stage_student(settings: Settings) -> dict:
 
 
 def load_snapshot(path: Path):
-    from apex_dist.models.loading import build_transformer, load_transformer_weights
-
-    model = build_transformer(path, device="cpu")
-    load_transformer_weights(model, path, "fp32")
+    """A transformer snapshot (teacher or exported student) in fp32 on the CPU, built and
+    loaded by the quickstart preset's spec (E2 from E1 when the snapshot has none)."""
+    spec = quickstart_spec()
+    with torch.device("cpu"):
+        model = spec.build(spec.snapshot_architecture(path))
+    spec.load_pretrained(model, path, "fp32")
     return model.eval()
 
 
@@ -329,13 +340,12 @@ def stage_evaluate(settings: Settings) -> dict:
     from apex_dist.data import evaluate_images
     from apex_dist.distributed.engine import VelocityModelAdapter
     from apex_dist.method import sample, sample_euler
-    from apex_dist.models.pixels import PixelCodec
 
     student_model = settings.out / "student_model"
     if not student_model.is_dir():
         export_model(settings.out / "student", student_model)
     batch = evaluation_batch(settings)
-    codec = PixelCodec()
+    codec = quickstart_spec().image_codec(None, torch.float32, "cpu")
     generator = torch.Generator().manual_seed(EVALUATION_SEED)
     noise = torch.randn(batch["latents"].shape, generator=generator)
     models = {True: load_snapshot(settings.teacher_model), False: load_snapshot(student_model)}

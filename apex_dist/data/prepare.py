@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -37,15 +36,11 @@ from torch import Tensor
 
 from apex_dist.config import Config, image_requirement
 from apex_dist.data.samples import bucket_sizes
+from apex_dist.models.spec import LatentGeometry, model_spec
 
 logger = logging.getLogger("apex_dist")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Presets whose "latents" are packed pixels (apex_dist.models.pixels.PixelCodec), not VAE latents.
-PIXEL_SPACE_PRESETS = ("qwen-image-pixels-tiny",)
-# Image pixels per token side of Qwen-Image's latent space: the VAE's 8x downsampling times the
-# transformer's 2x2 patches.
-VAE_PIXELS_PER_TOKEN = 16
 
 
 def _seed_of(*parts: Any) -> int:
@@ -54,55 +49,10 @@ def _seed_of(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-@dataclass(frozen=True)
-class LatentGeometry:
-    """What the model generates for an image of a given size.
-
-    kind: "vae" (Qwen-Image latents: 16 pixels per token side), "pixels" (packed pixels, 4 per
-    token side) or "points" (the toy's vectors of `channels` numbers, no image).
-    """
-
-    kind: str
-    channels: int
-    pixels_per_token: int = 1
-
-    def image_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """(frames, h, w): the token grid of a height x width image."""
-        step = self.pixels_per_token
-        if height % step or width % step:
-            raise ValueError(
-                f"image size {height}x{width} is not a multiple of {step} pixels, the token "
-                f"side of this model's {self.kind} space: choose data.resolution and "
-                "data.aspect_buckets that give multiples of it"
-            )
-        return (1, height // step, width // step)
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        """The shape of one row of generated latents: (tokens, channels), or (channels,)."""
-        if self.kind == "points":
-            return (self.channels,)
-        _, rows, columns = self.image_shape(height, width)
-        return (rows * columns, self.channels)
-
-
 def latent_geometry(config: Config) -> LatentGeometry:
-    """The geometry of `config.model` (the snapshot's transformer config when pretrained)."""
-    model = config.model
-    if model.preset == "toy-mlp":
-        return LatentGeometry("points", model.toy.data_dim)
-    if model.pretrained:
-        from apex_dist.models.loading import read_transformer_config
-
-        in_channels = int(read_transformer_config(model.pretrained)["in_channels"])
-    else:
-        from apex_dist.models.qwen_image import QWEN_IMAGE_PRESETS
-
-        in_channels = int(QWEN_IMAGE_PRESETS[model.preset]["in_channels"])
-    if model.preset in PIXEL_SPACE_PRESETS:
-        from apex_dist.models.pixels import PIXELS_PER_TOKEN_SIDE
-
-        return LatentGeometry("pixels", in_channels, PIXELS_PER_TOKEN_SIDE)
-    return LatentGeometry("vae", in_channels, VAE_PIXELS_PER_TOKEN)
+    """The geometry of `config.model`, from its spec (the snapshot's sizes when pretrained)."""
+    spec = model_spec(config.model.preset)
+    return spec.geometry(spec.architecture(config.model))
 
 
 class BatchPreparer:

@@ -1,11 +1,10 @@
 """The training engine: the model under DeepSpeed ZeRO, its optimizer, references and saves.
 
-`TrainingEngine(config, info)` builds, in this order:
+`TrainingEngine(config, info)` sets up, in this order:
 1. the DeepSpeed JSON from the config (`deepspeed_config.build_deepspeed_config`);
-2. the model: under `deepspeed.zero.Init` for ZeRO-3 (each parameter is partitioned as it is
-   created, so no rank ever holds the whole model), with pretrained weights streamed in one
-   gathered parameter at a time, then LoRA adapters (`model.lora.enabled`) and per-block
-   activation checkpointing (`parallel.activation_checkpointing`);
+2. the model, built by `apex_dist.distributed.build.build_training_model` in its documented
+   order (spec, meta / zero.Init, weights, E2 from E1, LoRA, kernels, activation
+   checkpointing, compile);
 3. AdamW over the trainable parameters and a warm-up (+ cosine) LambdaLR, handed to
    `deepspeed.initialize` as client objects;
 4. the reference of the no-grad passes (`method.reference.mode`): the student itself
@@ -32,223 +31,20 @@ import deepspeed
 import torch
 from torch import Tensor, nn
 
-from apex_dist.config import QWEN_IMAGE_PRESET_NAMES, Config
+from apex_dist.config import Config
+from apex_dist.distributed.build import DTYPES, build_training_model
 from apex_dist.distributed.deepspeed_config import build_deepspeed_config, needs_partitioned_shadow
 from apex_dist.distributed.runtime import RankInfo, logger
 from apex_dist.distributed.safe_loading import install_guarded_engine
 from apex_dist.distributed.shadow import ShadowWeights
 from apex_dist.method import build_objective
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Prefix DeepSpeed-free names keep: parameter names are the module's own (no "module.").
 SHADOW_PREFIXES = {"ema": "ema", "frozen_base": "frozen"}
 
 
 class NonFiniteTrainingError(FloatingPointError):
     """Too many optimizer steps in a row were skipped for nan/inf."""
-
-
-# --------------------------------------------------------------------------------------------
-# building the model
-
-
-def zero_init_config(deepspeed_config: dict, dtype: torch.dtype) -> dict:
-    """The DeepSpeed config for `deepspeed.zero.Init` that creates parameters in `dtype`.
-
-    zero.Init takes the dtype from the config's bf16/fp16 switches; its explicit `dtype`
-    argument is ignored on devices without fp16 support (DeepSpeed 0.19.8 picks bf16 on CPU),
-    and a LoRA run keeps DeepSpeed in fp32 while its base is bf16.
-    """
-    config = dict(deepspeed_config)
-    config["bf16"] = {"enabled": dtype == torch.bfloat16}
-    config["fp16"] = {"enabled": dtype == torch.float16}
-    return config
-
-
-# Modules the models create as copy.deepcopy of another module (E2 starts as a copy of E1):
-# name of the copy -> name of its source, as path segments.
-DEEPCOPIED_MODULES = {"time_text_embed_2": "time_text_embed", "target": "primary"}
-
-
-def _source_of_copy(name: str, parameters: dict[str, nn.Parameter]) -> Optional[str]:
-    parts = name.split(".")
-    for index, part in enumerate(parts):
-        if part in DEEPCOPIED_MODULES:
-            candidate = ".".join([*parts[:index], DEEPCOPIED_MODULES[part], *parts[index + 1 :]])
-            if candidate in parameters and hasattr(parameters[candidate], "ds_id"):
-                return candidate
-    return None
-
-
-def repair_deepcopied_parameters(model: nn.Module) -> list[str]:
-    """Partition parameters that zero.Init left behind because they were deep copies.
-
-    The models create E2 with copy.deepcopy(E1); under zero.Init E1 is already partitioned at
-    that point, so the copy holds empty tensors that no rank owns. Each such parameter is
-    replaced by a full-size one, partitioned by DeepSpeed, and set to its source one gathered
-    pair at a time. Returns the repaired names.
-    """
-    parameters = dict(model.named_parameters())
-    broken = [name for name, parameter in parameters.items() if not hasattr(parameter, "ds_id")]
-    unknown = [name for name in broken if _source_of_copy(name, parameters) is None]
-    if unknown:
-        raise RuntimeError(
-            f"parameters {unknown} were not partitioned by deepspeed.zero.Init; create them in "
-            "the module's __init__ (not as copy.deepcopy of a partitioned module)"
-        )
-    for name in broken:
-        source = parameters[_source_of_copy(name, parameters)]
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        replacement = nn.Parameter(
-            torch.empty(source.ds_shape, dtype=source.dtype, device=source.device),
-            requires_grad=parameters[name].requires_grad,
-        )
-        owner._parameters[leaf] = replacement
-        source.convert_to_zero_parameters([replacement])
-    # every copy starts equal to its source, as when the model is built without zero.Init
-    parameters = dict(model.named_parameters())
-    for name, parameter in parameters.items():
-        source_name = _source_of_copy(name, parameters)
-        if source_name is None:
-            continue
-        source = parameters[source_name]
-        with deepspeed.zero.GatheredParameters([source, parameter], modifier_rank=0):
-            if torch.distributed.get_rank() == 0:
-                with torch.no_grad():
-                    parameter.copy_(source)
-    return broken
-
-
-def build_training_model(config: Config, info: RankInfo, deepspeed_config: dict) -> nn.Module:
-    """The velocity model as it will train (see the module doc, step 2)."""
-    from apex_dist.models import build_model
-
-    torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-    dtype = DTYPES[config.model.dtype]
-    stage3 = config.parallel.zero_stage == 3
-    init_config = zero_init_config(deepspeed_config, dtype)
-    init_context = (
-        deepspeed.zero.Init(config_dict_or_path=init_config) if stage3 else contextlib.nullcontext()
-    )
-    if config.model.preset in QWEN_IMAGE_PRESET_NAMES:
-        from apex_dist.models.loading import build_transformer, load_transformer_weights
-
-        shift = config.method.condition_shift
-        source = config.model.pretrained or config.model.preset
-        model = build_transformer(
-            source,
-            device=info.device,
-            init_context=init_context if stage3 else None,
-            shift_scale=shift.scale,
-            shift_bias=shift.bias,
-            shift_learnable=shift.learnable,
-        )
-        if stage3:
-            repair_deepcopied_parameters(model)
-        if config.model.pretrained:
-            context = None
-            if stage3:
-                from apex_dist.distributed.zero_loading import zero3_parameter_context
-
-                context = zero3_parameter_context
-            load_transformer_weights(model, config.model.pretrained, dtype, context)
-        elif not stage3:
-            model = model.to(dtype)
-    else:
-        if config.model.pretrained:
-            raise ValueError(
-                f"model.pretrained is set but preset {config.model.preset!r} has no snapshot "
-                "loader; use a Qwen-Image preset or model.pretrained=null"
-            )
-        with init_context:
-            model = build_model(config)
-        if stage3:
-            repair_deepcopied_parameters(model)
-        else:
-            model = model.to(device=info.device, dtype=dtype)
-
-    if config.model.lora.enabled:
-        from apex_dist.models.lora import apply_lora
-
-        context = None
-        if stage3:
-            from apex_dist.distributed.zero_loading import zero3_read_context
-
-            context = zero3_read_context
-        apply_lora(model, config.model.lora, parameter_context=context)
-        model.to(info.device)
-
-    every = config.parallel.activation_checkpointing
-    if every:
-        if not hasattr(model, "enable_activation_checkpointing"):
-            raise ValueError(
-                f"parallel.activation_checkpointing={every} but {type(model).__name__} has no "
-                "blocks to checkpoint; set it to 0 for this model"
-            )
-        model.enable_activation_checkpointing(every)
-    apply_kernels(model, config, info.device)
-    return model
-
-
-def apply_kernels(model: nn.Module, config: Config, device: torch.device) -> str:
-    """Apply `model.kernels` (attention backend, fused kernels, compiled blocks) and log what
-    was chosen for this device; a forced attention backend that cannot run here is an error.
-    Returns the logged description."""
-    import importlib.util
-
-    import apex_kernels
-    from apex_kernels.attention import (
-        AttentionCall,
-        choose_backend,
-        detect_availability,
-        unsupported_reason,
-    )
-
-    kernels = config.model.kernels
-    apex_kernels.configure(kernels.attention_backend, kernels.fused)
-    parts = []
-    head_dim = getattr(model, "attention_head_dim", None)
-    if head_dim is None:
-        parts.append(f"attention: none in {type(model).__name__}")
-    else:
-        capability = None
-        if device.type == "cuda":
-            capability = tuple(torch.cuda.get_device_capability(device))
-        dtype = DTYPES[config.model.dtype]
-        call = AttentionCall(device.type, dtype, int(head_dim), False, capability)
-        availability = detect_availability(device.type)
-        backend = kernels.attention_backend
-        if backend == "auto":
-            parts.append(
-                f"attention auto: {choose_backend(call, availability)} for {config.model.dtype} "
-                f"head_dim {head_dim} on {device.type} (chosen per call)"
-            )
-        else:
-            reason = unsupported_reason(backend, call, availability)
-            if reason is not None:
-                raise ValueError(
-                    f"model.kernels.attention_backend={backend!r} cannot run here: {reason}; "
-                    "use auto to let apex_kernels choose"
-                )
-            parts.append(f"attention {backend}")
-    triton_present = importlib.util.find_spec("triton") is not None
-    if kernels.fused and device.type == "cuda" and triton_present:
-        parts.append("fused Triton kernels on")
-    elif kernels.fused:
-        parts.append(f"fused kernels requested, PyTorch reference ops on {device.type}")
-    else:
-        parts.append("fused kernels off")
-    if kernels.compile_blocks:
-        if not isinstance(getattr(model, "transformer_blocks", None), nn.ModuleList):
-            raise ValueError(
-                f"model.kernels.compile_blocks=true but {type(model).__name__} has no "
-                "transformer_blocks to compile; set it to false for this model"
-            )
-        parts.append(f"torch.compile of {apex_kernels.compile_blocks(model)} blocks")
-    description = "; ".join(parts)
-    logger.info("kernels: %s", description)
-    return description
 
 
 def learning_rate_factor(config: Config) -> Callable[[int], float]:

@@ -61,13 +61,18 @@ def zero3_read_context(parameter: nn.Parameter) -> Iterator[bool]:
 
 
 def zero_init_config(
-    deepspeed_config: Optional[Union[dict[str, Any], str, Path]], dtype: torch.dtype
+    deepspeed_config: Optional[Union[dict[str, Any], str, Path]],
+    dtype: torch.dtype,
+    *,
+    override: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed config for `zero.Init` with its bf16/fp16 switches matching `dtype`.
 
     `zero.Init` takes its parameter dtype from these switches: its own `dtype` argument is
     ignored on devices without fp16 (DeepSpeed 0.19.8 then always picks bf16), so the dtype
-    is passed through the config. Missing switches are filled in; contradicting ones raise.
+    is passed through the config. Missing switches are filled in; contradicting ones raise,
+    unless `override` (a LoRA run keeps DeepSpeed in fp32 while its base is built in
+    `model.dtype`), which sets them to `dtype` whatever the config says.
     """
     if deepspeed_config is None:
         config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
@@ -78,7 +83,9 @@ def zero_init_config(
     wanted = {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
     for section, enabled in wanted.items():
         current = config.setdefault(section, {}).get("enabled")
-        if current is None:
+        if override:
+            config[section] = {"enabled": enabled}
+        elif current is None:
             config[section]["enabled"] = enabled
         elif bool(current) != enabled:
             raise ValueError(

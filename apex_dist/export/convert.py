@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 
+from apex_dist.config import ConditionShiftConfig
 from apex_dist.export.deepspeed_checkpoint import (
     DEFAULT_CHUNK_ELEMENTS,
     DeepSpeedCheckpoint,
@@ -50,9 +51,12 @@ from apex_dist.export.safetensors_io import (
     write_safetensors,
 )
 from apex_dist.export.torch_archive import CheckpointFormatError, LazyTensor
+from apex_dist.models.conditioning import DEFAULT_CONDITION_SHIFT, is_apex_key
 from apex_dist.models.loading import transformer_directory
 from apex_dist.models.lora import to_diffusers_lora
-from apex_dist.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageTransformer, is_apex_key
+from apex_dist.models.qwen_image import QwenImageTransformer
+from apex_dist.models.spec import ModelSpec, model_specs
+from apex_dist.models.specs.qwen_image import SPEC as QWEN_IMAGE_SPEC
 
 # diffusers' file names (diffusers/utils/constants.py and loaders/lora_base.py).
 DIFFUSERS_CONFIG_NAME = "config.json"
@@ -61,14 +65,15 @@ DIFFUSERS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 DIFFUSERS_SHARD_NAME = "diffusion_pytorch_model-{index:05d}-of-{count:05d}.safetensors"
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 DIFFUSERS_LORA_METADATA_KEY = "lora_adapter_metadata"
-# The prefix diffusers' Qwen-Image pipeline gives the transformer's keys (LoRA metadata too).
-DIFFUSERS_LORA_PREFIX = "transformer."
-# ComfyUI's native LoRA naming: the model's own state-dict prefix for the diffusion model and
-# the lora_down (A) / lora_up (B) / alpha suffixes (comfy/lora.py model_lora_keys_unet maps
-# "diffusion_model.<path>" to the weight "diffusion_model.<path>.weight"; comfy/weight_adapter/
-# lora.py reads "<key>.lora_up.weight", "<key>.lora_down.weight" and "<key>.alpha").
+# The prefix diffusers' Qwen-Image pipeline gives the transformer's keys (LoRA metadata too),
+# declared by the model spec.
+DIFFUSERS_LORA_PREFIX = QWEN_IMAGE_SPEC.diffusers_lora_prefix
+# ComfyUI's native LoRA naming, declared by the model spec (`ModelSpec.comfyui_lora_keys`):
+# the model's own state-dict prefix for the diffusion model and the lora_down (A) / lora_up (B)
+# / alpha suffixes (comfy/weight_adapter/lora.py reads "<key>.lora_up.weight",
+# "<key>.lora_down.weight" and "<key>.alpha").
 COMFYUI_LORA_NAME = "pytorch_lora_weights_comfyui.safetensors"
-COMFYUI_PREFIX = "diffusion_model."
+COMFYUI_PREFIX = QWEN_IMAGE_SPEC.comfyui_lora_prefix
 APEX_EXTRA_NAME = "apex_extra_weights.safetensors"
 EXPORT_INFO_NAME = "export_info.json"
 # Default shard size of the full export: diffusers' save_pretrained default is 10 GB; 5 GB
@@ -161,11 +166,12 @@ def build_reference_model(
     description of where its configuration came from."""
     run_config = checkpoint.run_config or {}
     shift = _nested(run_config, "method", "condition_shift") or {}
-    apex_options = {
-        "shift_scale": float(shift.get("scale", -0.5)),
-        "shift_bias": float(shift.get("bias", 1.0)),
-        "shift_learnable": bool(shift.get("learnable", False)),
-    }
+    condition_shift = ConditionShiftConfig(
+        scale=float(shift.get("scale", DEFAULT_CONDITION_SHIFT.scale)),
+        bias=float(shift.get("bias", DEFAULT_CONDITION_SHIFT.bias)),
+        learnable=bool(shift.get("learnable", DEFAULT_CONDITION_SHIFT.learnable)),
+    )
+    exportable = exportable_presets()
     snapshot = _nested(run_config, "model", "pretrained")
     preset = _nested(run_config, "model", "preset")
     if options.model_config is not None:
@@ -183,20 +189,32 @@ def build_reference_model(
     else:
         raise ModelMismatchError(
             f"{checkpoint.tag_directory} has no config.yaml naming the model; pass --preset "
-            f"(one of {', '.join(QWEN_IMAGE_PRESETS)}) or --model-config CONFIG_JSON"
+            f"(one of {', '.join(exportable)}) or --model-config CONFIG_JSON"
         )
     kind, value, description = source
     with torch.device("meta"):
         if kind == "config":
-            model = QwenImageTransformer.from_diffusers_config(_read_json(value), **apex_options)
-        elif value in QWEN_IMAGE_PRESETS:
-            model = QwenImageTransformer.from_preset(value, **apex_options)
+            model = QWEN_IMAGE_SPEC.build(_read_json(value), condition_shift)
+        elif value in exportable:
+            spec = exportable[value]
+            model = spec.build(spec.presets[value], condition_shift)
         else:
             raise ModelMismatchError(
                 f"model {value!r} ({description}) cannot be exported to the diffusers layout: "
-                f"only Qwen-Image models can ({', '.join(QWEN_IMAGE_PRESETS)})"
+                f"only Qwen-Image models can ({', '.join(exportable)})"
             )
     return model, description
+
+
+def exportable_presets() -> dict[str, ModelSpec]:
+    """Preset -> spec, for the families whose specs declare diffusers' LoRA format (the
+    Qwen-Image transformer's layout)."""
+    return {
+        preset: spec
+        for spec in model_specs().values()
+        if spec.diffusers_lora_prefix is not None
+        for preset in spec.presets
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,9 +274,8 @@ def diffusers_lora_names(module: str) -> tuple[str, str]:
 
 
 def comfyui_lora_names(module: str) -> tuple[str, str, str]:
-    """ComfyUI's names of a module's (down = A, up = B, alpha) LoRA tensors."""
-    key = f"{COMFYUI_PREFIX}{module}"
-    return f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"
+    """ComfyUI's names of a module's (down = A, up = B, alpha) LoRA tensors (the spec's)."""
+    return QWEN_IMAGE_SPEC.comfyui_lora_keys(module)
 
 
 # --------------------------------------------------------------------------------------------

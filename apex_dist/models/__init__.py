@@ -1,7 +1,12 @@
 """Velocity models: plain nn.Modules with the interface
-``model(x_t, t, tt, text, text_mask, fake_rows) -> velocity``; none imports deepspeed."""
+``model(x_t, t, tt, text, text_mask, fake_rows) -> velocity``; none imports deepspeed.
 
-from apex_dist.models.conditioning import ConditionShift, DualTimeEmbedding
+What a backbone family is (presets, building, loading, text encoder, image codec, latent
+geometry, LoRA targets, export keys) is declared by its spec (`apex_dist.models.spec`,
+one file per family in `apex_dist/models/specs/`).
+"""
+
+from apex_dist.models.conditioning import ConditionShift, init_apex_weights
 from apex_dist.models.loading import (
     CheckpointError,
     CheckpointMismatchError,
@@ -17,17 +22,18 @@ from apex_dist.models.lora import (
     lora_state_dict,
     to_diffusers_lora,
 )
-from apex_dist.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageTransformer
+from apex_dist.models.qwen_image import QwenImageTransformer
+from apex_dist.models.spec import LatentGeometry, ModelSpec, model_spec, preset_names
 from apex_dist.models.text_encoder import QwenTextEncoder
 from apex_dist.models.toy import ToyVelocityModel
 from apex_dist.models.vae import QwenImageVae, pack_latents, unpack_latents
 
 __all__ = [
-    "QWEN_IMAGE_PRESETS",
     "CheckpointError",
     "CheckpointMismatchError",
     "ConditionShift",
-    "DualTimeEmbedding",
+    "LatentGeometry",
+    "ModelSpec",
     "QwenImageTransformer",
     "QwenImageVae",
     "QwenTextEncoder",
@@ -37,10 +43,13 @@ __all__ = [
     "build_model",
     "build_transformer",
     "from_diffusers_lora",
+    "init_apex_weights",
     "load_pretrained_transformer",
     "load_transformer_weights",
     "lora_state_dict",
+    "model_spec",
     "pack_latents",
+    "preset_names",
     "read_transformer_config",
     "to_diffusers_lora",
     "unpack_latents",
@@ -48,23 +57,15 @@ __all__ = [
 
 
 def build_model(config):
-    """Build the velocity model named by ``config.model.preset`` (a full `Config`)."""
-    shift = config.method.condition_shift
-    shift_options = {
-        "shift_scale": shift.scale,
-        "shift_bias": shift.bias,
-        "shift_learnable": shift.learnable,
-    }
-    if config.model.preset == "toy-mlp":
-        sizes = config.model.toy
-        return ToyVelocityModel(
-            data_dim=sizes.data_dim,
-            text_dim=sizes.text_dim,
-            hidden_size=sizes.hidden_size,
-            num_blocks=sizes.num_blocks,
-            **shift_options,
+    """The velocity model of a full `Config` on the current device, in fp32, ready to train
+    in one process: built by the spec of `config.model.preset` with the config's condition
+    shift, E2 set from E1. Distributed runs build through `apex_dist.distributed.build`."""
+    spec = model_spec(config.model.preset)
+    if config.model.pretrained:
+        raise ValueError(
+            "build_model builds random weights; load model.pretrained with "
+            "apex_dist.distributed.build.build_training_model (or load_pretrained_transformer)"
         )
-    if config.model.preset in QWEN_IMAGE_PRESETS:
-        return QwenImageTransformer.from_preset(config.model.preset, **shift_options)
-    known = ", ".join(["toy-mlp", *QWEN_IMAGE_PRESETS])
-    raise ValueError(f"model.preset {config.model.preset!r} is unknown; known presets: {known}")
+    model = spec.build(spec.architecture(config.model), config.method.condition_shift)
+    init_apex_weights(model)
+    return model

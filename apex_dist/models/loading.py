@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -38,15 +39,18 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from apex_dist.config import ConditionShiftConfig
 from apex_dist.export.safetensors_io import read_checked_header
 from apex_dist.export.torch_archive import CheckpointFormatError
-from apex_dist.models.conditioning import ConditionShift
-from apex_dist.models.qwen_image import (
-    QWEN_IMAGE_PRESETS,
-    QwenImageTransformer,
-    TimeEmbedding,
+from apex_dist.models.conditioning import (
+    DEFAULT_CONDITION_SHIFT,
+    TARGET_TIME_EMBEDDING,
+    init_apex_weights,
     is_apex_key,
 )
+from apex_dist.models.qwen_image import QwenImageTransformer
+
+logger = logging.getLogger(__name__)
 
 # Folder of the transformer inside a diffusers snapshot, and the file names diffusers writes.
 TRANSFORMER_FOLDER = "transformer"
@@ -69,6 +73,9 @@ DTYPES: dict[str, torch.dtype] = {
 SAFETENSORS_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 # Largest number of keys spelled out per category in a mismatch error (the rest are counted).
 MAX_KEYS_LISTED = 50
+# State-dict prefix of the condition shift, whose values come from the config, never from a
+# snapshot (a snapshot that disagrees is reported).
+CONDITION_SHIFT_PREFIX = "condition_shift."
 
 ParameterContext = Callable[[nn.Parameter], AbstractContextManager]
 
@@ -295,57 +302,50 @@ def build_transformer(
     *,
     device: Union[str, torch.device] = "meta",
     init_context: Optional[AbstractContextManager] = None,
-    shift_scale: float = -0.5,
-    shift_bias: float = 1.0,
-    shift_learnable: bool = False,
+    shift_scale: float = DEFAULT_CONDITION_SHIFT.scale,
+    shift_bias: float = DEFAULT_CONDITION_SHIFT.bias,
+    shift_learnable: bool = DEFAULT_CONDITION_SHIFT.learnable,
 ) -> QwenImageTransformer:
     """Build the transformer of a snapshot directory or a preset without loading weights.
 
+    The model is built by its spec (`apex_dist.models.specs.qwen_image`); E2 holds its own
+    random values until the weights are loaded (`load_transformer_weights` sets it to E1 when
+    the snapshot has none) or `conditioning.init_apex_weights` runs.
+
     Args:
-        source: a preset name of `QWEN_IMAGE_PRESETS`, or a snapshot directory whose
+        source: a Qwen-Image preset name, or a snapshot directory whose
             transformer/config.json gives the sizes.
         device: where parameters are created; "meta" (default) allocates nothing, and
             `load_transformer_weights` materialises each parameter from the checkpoint.
         init_context: a context to build under instead of `device` (for example
             `deepspeed.zero.Init(...)`, which partitions each parameter as it is created).
-        shift_scale, shift_bias, shift_learnable: the condition shift (method.md section 2).
-            Its two values are always created on the CPU so that a meta model keeps them.
+        shift_scale, shift_bias, shift_learnable: the condition shift (method.md section 2);
+            its two values live on the CPU on a meta model (`ConditionShift`).
 
     Raises:
         CheckpointError: `source` is neither a preset nor an existing snapshot (a Path or a
             string with "/" is always taken as a directory), or its config is not
             Qwen-Image's. ValueError from the model for inconsistent sizes.
     """
-    shift = {
-        "shift_scale": shift_scale,
-        "shift_bias": shift_bias,
-        "shift_learnable": shift_learnable,
-    }
-    if str(source) in QWEN_IMAGE_PRESETS:
-        arguments, from_config = dict(QWEN_IMAGE_PRESETS[str(source)]), False
+    from apex_dist.models.spec import model_specs
+    from apex_dist.models.specs.qwen_image import SPEC as QWEN_IMAGE_SPEC
+    from apex_dist.models.specs.qwen_image import QwenImageSpec
+
+    specs = [spec for spec in model_specs().values() if isinstance(spec, QwenImageSpec)]
+    presets = {preset: spec for spec in specs for preset in spec.presets}
+    if str(source) in presets:
+        spec = presets[str(source)]
+        architecture = dict(spec.presets[str(source)])
     elif isinstance(source, Path) or "/" in str(source) or Path(source).is_dir():
-        arguments, from_config = read_transformer_config(source), True
+        spec, architecture = QWEN_IMAGE_SPEC, read_transformer_config(source)
     else:
         raise CheckpointError(
-            f"{str(source)!r} is neither a Qwen-Image preset ({', '.join(QWEN_IMAGE_PRESETS)}) "
+            f"{str(source)!r} is neither a Qwen-Image preset ({', '.join(presets)}) "
             "nor an existing snapshot directory"
         )
-    context = init_context if init_context is not None else torch.device(device)
-    with context:
-        if from_config:
-            model = QwenImageTransformer.from_diffusers_config(arguments, **shift)
-        else:
-            model = QwenImageTransformer(**arguments, **shift)
-        if any(hasattr(parameter, "ds_id") for parameter in model.time_text_embed.parameters()):
-            # the model deep-copies E1 into E2; under deepspeed.zero.Init that copies E1's empty
-            # local shards as plain 0-element parameters, so E2 is created again here,
-            # partitioned in its own right (its values come from the checkpoint, or from E1
-            # when the weights are loaded)
-            model.time_text_embed_2 = TimeEmbedding(model.inner_dim)
-    if _is_meta(model.condition_shift.scale):
-        # two scalars, built outside the meta device so that they keep their values
-        model.condition_shift = ConditionShift(shift_scale, shift_bias, shift_learnable)
-    return model
+    shift = ConditionShiftConfig(scale=shift_scale, bias=shift_bias, learnable=shift_learnable)
+    with init_context if init_context is not None else torch.device(device):
+        return spec.build(architecture, shift)
 
 
 def _is_meta(tensor: torch.Tensor) -> bool:
@@ -427,7 +427,9 @@ def load_transformer_weights(
     `dtype` and copied into its parameter inside `parameter_context(parameter)`. Parameters
     on the meta device are replaced by the loaded tensor instead (nothing is allocated before
     that tensor is read). Without E2 in the checkpoint (a diffusers checkpoint), E2 is set to
-    a copy of the loaded E1 (`reset_target_time_embedding`).
+    the loaded E1 (`conditioning.init_apex_weights`). The condition shift is the config's
+    (the model's, as built): values a snapshot stores for it are compared, never copied, and
+    a disagreement is logged as a warning naming both (`check_condition_shift`).
 
     Args:
         model: a `QwenImageTransformer` (built on the meta device, on a real device, or under
@@ -493,8 +495,12 @@ def load_transformer_weights(
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if key.startswith(CONDITION_SHIFT_PREFIX):
+                    current = parameters.get(key, buffers.get(key))
+                    check_condition_shift(key, handle.get_tensor(key), current, context, path)
+                    continue
                 target = parameters.get(key)
-                if target is None:  # a buffer (the fixed condition shift)
+                if target is None:  # a buffer
                     tensor = handle.get_tensor(key).to(resolved)
                     if _is_meta(buffers[key]):
                         _materialise(model, key, tensor, is_parameter=False)
@@ -510,16 +516,48 @@ def load_transformer_weights(
 
     absent = [key for key in model_tensor_shapes(model) if key not in entries]
     _materialise_absent(model, absent, resolved)
-    if any(key.startswith("time_text_embed_2.") for key in absent):
-        if parameter_context is None:
-            model.reset_target_time_embedding()
-        else:
-            _reset_target_time_embedding(model, context)
+    if any(key.startswith(f"{TARGET_TIME_EMBEDDING}.") for key in absent):
+        init_apex_weights(model, context)
     return absent
 
 
+def check_condition_shift(
+    key: str,
+    stored: torch.Tensor,
+    current: torch.Tensor,
+    context: ParameterContext,
+    path: Path,
+) -> bool:
+    """Compare a condition-shift value a snapshot stores with the model's (the config's).
+
+    The config is the one source of the shift: the stored value is never applied. When the
+    two differ, a warning names both and says how to use the stored one. Returns whether they
+    agree. `current` may be a ZeRO-3 partitioned parameter (a learnable shift): it is read
+    inside `context`, which every rank enters.
+    """
+    with context(current):
+        model_value = float(current.detach().float().reshape(()))
+    stored_value = float(stored.float().reshape(()))
+    if stored_value == model_value:
+        return True
+    option = f"method.{key}"
+    logger.warning(
+        "%s stores %s = %r but the config gives %s = %r; the config's value is used (set "
+        "%s=%r to train with the snapshot's)",
+        path,
+        key,
+        stored_value,
+        option,
+        model_value,
+        option,
+        stored_value,
+    )
+    return False
+
+
 def _materialise_absent(model: nn.Module, absent: list[str], dtype: torch.dtype) -> None:
-    """Give meta tensors the checkpoint lacked real (uninitialised) storage; E2 is set next."""
+    """Give meta tensors the checkpoint lacked real (uninitialised) storage; E2 is set next
+    (`init_apex_weights`)."""
     parameters = dict(model.named_parameters())
     for key in absent:
         tensor = parameters.get(key)
@@ -534,19 +572,6 @@ def _materialise_absent(model: nn.Module, absent: list[str], dtype: torch.dtype)
         )
 
 
-def _reset_target_time_embedding(model: QwenImageTransformer, context: ParameterContext) -> None:
-    """E2 <- E1 (`reset_target_time_embedding`), one pair of parameters at a time, each
-    gathered by the parameter context (for partitioned parameters)."""
-    for target, source in zip(
-        model.time_text_embed_2.parameters(), model.time_text_embed.parameters(), strict=True
-    ):
-        with context(source):
-            value = source.data.detach().clone()  # one tensor, held between the two gathers
-        with context(target) as fill_here:
-            if fill_here:
-                target.data.copy_(value)
-
-
 def load_pretrained_transformer(
     snapshot: Union[str, Path],
     dtype: Union[str, torch.dtype] = "fp32",
@@ -556,7 +581,8 @@ def load_pretrained_transformer(
     **shift_options: Any,
 ) -> QwenImageTransformer:
     """Build the snapshot's transformer and load its weights (see `build_transformer` and
-    `load_transformer_weights`); on the meta device unless `init_context` is given."""
+    `load_transformer_weights`; E2 is E1 unless the snapshot has its own); on the meta device
+    unless `init_context` is given."""
     model = build_transformer(snapshot, init_context=init_context, **shift_options)
     load_transformer_weights(model, snapshot, dtype, parameter_context)
     return model

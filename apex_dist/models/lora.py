@@ -14,7 +14,8 @@ base weight moves to `...to_q.base_layer.weight` and the adapter lives in
   and E2 replaced by its value at `apply_lora` time (kept as non-persistent buffers), which
   is what the `frozen_base` reference needs (method.md section 6), at no copy of the model.
 
-Target presets (`LORA_TARGET_PRESETS`, config `model.lora.targets`):
+Target presets (config `model.lora.targets`) are declared by the model's spec
+(`ModelSpec.lora_targets`); Qwen-Image's (`LORA_TARGET_PRESETS`, the default here):
 - `attention`: q/k/v/out projections of both streams (to_q, to_k, to_v, to_out.0, add_q_proj,
   add_k_proj, add_v_proj, to_add_out);
 - `attention_mlp`: plus both MLPs (img_mlp / txt_mlp: net.0.proj and net.2);
@@ -48,31 +49,22 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from apex_dist.config import LORA_INITIALISATIONS
+from apex_dist.models.conditioning import APEX_STATE_PREFIXES
 from apex_dist.models.qwen_image import QwenImageTransformer, timestep_features
+from apex_dist.models.specs.qwen_image import SPEC as QWEN_IMAGE_SPEC
 
 logger = logging.getLogger(__name__)
 
 # peft's name for the one adapter apex_dist injects (it appears in peft's parameter names).
 ADAPTER_NAME = "default"
 # Prefix of diffusers' LoRA keys for the transformer (`QwenImagePipeline.load_lora_weights`).
-DIFFUSERS_PREFIX = "transformer."
+DIFFUSERS_PREFIX = QWEN_IMAGE_SPEC.diffusers_lora_prefix
 # Name under which `apply_lora` registers the frozen copy of E2 (buffers only, not saved).
 BASE_TARGET_TIME_EMBEDDING = "base_time_text_embed_2"
-# Prefixes of the parameters trained in full next to the adapters.
-FULL_PARAMETER_PREFIXES = ("time_text_embed_2.", "condition_shift.")
-
-# Module paths (regular expressions over `named_modules()` names) of each preset.
-_ATTENTION = (
-    r"transformer_blocks\.\d+\.attn\."
-    r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-)
-_MLP = r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)"
-_TIME = r"time_text_embed\.timestep_embedder\.linear_(1|2)"
-LORA_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
-    "attention_mlp_time": (_ATTENTION, _MLP, _TIME),
-    "attention_mlp": (_ATTENTION, _MLP),
-    "attention": (_ATTENTION,),
-}
+# Prefixes of the parameters trained in full next to the adapters: the APEX additions.
+FULL_PARAMETER_PREFIXES = APEX_STATE_PREFIXES
+# Module paths (regular expressions over `named_modules()` names) of each Qwen-Image preset.
+LORA_TARGET_PRESETS: Mapping[str, tuple[str, ...]] = QWEN_IMAGE_SPEC.lora_targets
 # config `model.lora.init` -> peft's `init_lora_weights` (each leaves B @ A = 0 at the start).
 PEFT_INITIALISATIONS: dict[str, Any] = {
     "gaussian": "gaussian",  # A ~ N(0, 1/r^2), B = 0 (the released code)
@@ -92,19 +84,30 @@ def _no_gather(parameter: nn.Parameter) -> Iterator[bool]:
     yield True
 
 
-def target_module_pattern(targets: str) -> str:
-    """The regular expression (peft `target_modules`, matched in full) of a preset."""
-    if targets not in LORA_TARGET_PRESETS:
+def target_module_pattern(
+    targets: str, target_presets: Mapping[str, tuple[str, ...]] = LORA_TARGET_PRESETS
+) -> str:
+    """The regular expression (peft `target_modules`, matched in full) of a preset of
+    `target_presets` (a spec's `lora_targets`)."""
+    if not target_presets:
         raise ValueError(
-            f"model.lora.targets {targets!r} is unknown; known presets: "
-            f"{', '.join(LORA_TARGET_PRESETS)}"
+            "this model's spec declares no LoRA targets; set model.lora.enabled=false or use a "
+            "backbone with LoRA (Qwen-Image)"
         )
-    return "|".join(f"({pattern})" for pattern in LORA_TARGET_PRESETS[targets])
+    if targets not in target_presets:
+        raise ValueError(
+            f"model.lora.targets {targets!r} is unknown; known presets: {', '.join(target_presets)}"
+        )
+    return "|".join(f"({pattern})" for pattern in target_presets[targets])
 
 
-def target_modules(model: nn.Module, targets: str) -> list[str]:
+def target_modules(
+    model: nn.Module,
+    targets: str,
+    target_presets: Mapping[str, tuple[str, ...]] = LORA_TARGET_PRESETS,
+) -> list[str]:
     """Paths of the linear layers a preset adapts in `model` (before LoRA is applied)."""
-    pattern = re.compile(target_module_pattern(targets))
+    pattern = re.compile(target_module_pattern(targets, target_presets))
     return [
         name
         for name, module in model.named_modules()
@@ -139,7 +142,9 @@ class BaseTargetTimeEmbedding(nn.Module):
         return functional.linear(functional.silu(hidden), self.weight_2, self.bias_2)
 
 
-def _check_lora_config(lora_config: Any) -> None:
+def _check_lora_config(
+    lora_config: Any, target_presets: Mapping[str, tuple[str, ...]] = LORA_TARGET_PRESETS
+) -> None:
     problems = []
     if int(lora_config.rank) < 1:
         problems.append(f"rank must be >= 1 (got {lora_config.rank})")
@@ -149,9 +154,9 @@ def _check_lora_config(lora_config: Any) -> None:
         problems.append(
             f"init {lora_config.init!r} is unknown; known: {', '.join(LORA_INITIALISATIONS)}"
         )
-    if lora_config.targets not in LORA_TARGET_PRESETS:
+    if lora_config.targets not in target_presets:
         problems.append(
-            f"targets {lora_config.targets!r} is unknown; known: {', '.join(LORA_TARGET_PRESETS)}"
+            f"targets {lora_config.targets!r} is unknown; known: {', '.join(target_presets)}"
         )
     if not 0 <= float(lora_config.dropout) < 1:
         problems.append(f"dropout must be in [0, 1) (got {lora_config.dropout})")
@@ -177,6 +182,7 @@ def apply_lora(
     model: QwenImageTransformer,
     lora_config: Any,
     parameter_context: Optional[ParameterContext] = None,
+    target_presets: Mapping[str, tuple[str, ...]] = LORA_TARGET_PRESETS,
 ) -> dict[str, int]:
     """Inject LoRA adapters into `model` in place and set what trains.
 
@@ -188,6 +194,7 @@ def apply_lora(
             `enabled` flag is the caller's business).
         parameter_context: gathers a ZeRO-3 partitioned parameter while E2 is copied
             (`apex_dist.distributed.zero_loading.zero3_read_context`); default: none.
+        target_presets: the model spec's `lora_targets` (default: Qwen-Image's).
 
     Returns:
         {"adapter": adapter elements, "full": E2 (+ learnable shift) elements,
@@ -199,10 +206,12 @@ def apply_lora(
     """
     import peft
 
-    _check_lora_config(lora_config)
+    if not target_presets:
+        target_module_pattern(lora_config.targets, target_presets)  # raises: no LoRA targets
+    _check_lora_config(lora_config, target_presets)
     if is_lora_applied(model):
         raise ValueError("apply_lora: the model already has LoRA adapters; apply it once")
-    modules = target_modules(model, lora_config.targets)
+    modules = target_modules(model, lora_config.targets, target_presets)
     if not modules:
         raise ValueError(
             f"model.lora.targets {lora_config.targets!r} matches no linear layer of "
@@ -218,7 +227,7 @@ def apply_lora(
         r=int(lora_config.rank),
         lora_alpha=float(lora_config.alpha),
         lora_dropout=float(lora_config.dropout),
-        target_modules=target_module_pattern(lora_config.targets),
+        target_modules=target_module_pattern(lora_config.targets, target_presets),
         init_lora_weights=PEFT_INITIALISATIONS[lora_config.init],
         bias="none",
     )

@@ -4,15 +4,12 @@
 parameters of the same names and shapes, so a diffusers checkpoint loads into it directly. It
 adds the two APEX pieces (method.md sections 1-2), the only keys diffusers does not have:
 
-- `time_text_embed_2.*`: the second time embedding E2, a copy of E1 (`time_text_embed`) at
-  construction, combined as temb = E1(t) + E2(tt) * (t - tt). The prefix is the one the
-  method's released code (LINs-lab/APEX, TwinFlow lineage) uses, so their checkpoints and ours
-  name E2 alike.
+- `time_text_embed_2.*`: the second time embedding E2, a module of its own built like E1
+  (`time_text_embed`) and set to E1's values by `conditioning.init_apex_weights`, combined as
+  temb = E1(t) + E2(tt) * (t - tt). The prefix is the one the method's released code
+  (LINs-lab/APEX, TwinFlow lineage) uses, so their checkpoints and ours name E2 alike.
 - `condition_shift.*`: c_fake = a*c + b on the text tokens of fake rows, applied after
   `txt_norm` and `txt_in` (`conditioning.ConditionShift`).
-
-E2 follows `conditioning.DualTimeEmbedding`'s formula but is not that module: it nests E1 as
-`primary`, which would rename diffusers' `time_text_embed.*` keys.
 
 The interface is the velocity model's, on packed latents:
 ``model(x_t, t, tt, text, text_mask, fake_rows, image_shape=(frames, height, width))``.
@@ -21,21 +18,13 @@ At tt = t and no fake rows the output equals diffusers' for ``timestep=t``.
 The model is a plain module: no distributed library, one attention entry point
 (`apex_kernels.attention`), and activation checkpointing that callers switch on from outside.
 
-Presets (`QWEN_IMAGE_PRESETS`), with their exact parameter counts without / with the APEX
-additions (E2; a learnable shift adds 2):
-- `qwen-image-20b`: Qwen-Image, 60 blocks of width 3072 (24 heads x 128):
-  20,430,401,088 / 20,440,630,848.
-- `qwen-image-0.6b`: the same family at 16 blocks of width 1024 (8 heads x 128), the same text
-  width (3584), latent channels and rotary axes, so real text features and latents fit:
-  611,698,240 / 613,011,008.
-- `qwen-image-tiny`: tests, 2 blocks of width 32 (2 heads x 16): 89,328 / 98,608.
-- `qwen-image-pixels-tiny`: the quickstart, 4x4 RGB pixel patches per token, 4 blocks of
-  width 64 (2 heads x 32).
+Its size presets and everything else about the family (loading, text encoder, VAE, LoRA
+targets, export keys) are declared by its specs, `apex_dist.models.specs.qwen_image` and
+`apex_dist.models.specs.qwen_image_pixels`; `QWEN_IMAGE_PRESETS` here is their union.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
@@ -46,7 +35,15 @@ from torch.nn import functional
 from torch.utils.checkpoint import checkpoint
 
 import apex_kernels
-from apex_dist.models.conditioning import MAX_PERIOD, TIME_EMBEDDING_SCALE, ConditionShift
+from apex_dist.models.conditioning import (
+    DEFAULT_CONDITION_SHIFT,
+    MAX_PERIOD,
+    TIME_EMBEDDING_SCALE,
+    ConditionShift,
+    combine_time_embeddings,
+    init_apex_weights,
+    is_apex_key,
+)
 
 # Width of the sinusoidal timestep features (diffusers' `Timesteps(num_channels=256)`).
 TIMESTEP_FEATURES = 256
@@ -60,9 +57,6 @@ MLP_RATIO = 4
 MODULATION_PARAMETERS = 6
 # diffusers clips fp16 activations to this range after every block to avoid overflow.
 FP16_MAX = torch.finfo(torch.float16).max
-
-# State-dict prefixes of the APEX additions: the only keys a diffusers checkpoint lacks.
-APEX_STATE_PREFIXES = ("time_text_embed_2.", "condition_shift.")
 
 # Keys of diffusers' config.json that this model reads; every other key is rejected unless it
 # is listed as ignored or unsupported below.
@@ -83,51 +77,21 @@ IGNORED_DIFFUSERS_CONFIG_FIELDS = ("pooled_projection_dim",)
 # accepted only at their default value False.
 UNSUPPORTED_DIFFUSERS_CONFIG_FIELDS = ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
 
-# Size presets (parameter counts in the module docstring).
-QWEN_IMAGE_PRESETS: dict[str, dict[str, Any]] = {
-    "qwen-image-20b": {
-        "patch_size": 2,
-        "in_channels": 64,
-        "out_channels": 16,
-        "num_layers": 60,
-        "attention_head_dim": 128,
-        "num_attention_heads": 24,
-        "joint_attention_dim": 3584,
-        "axes_dims_rope": (16, 56, 56),
-    },
-    "qwen-image-0.6b": {
-        "patch_size": 2,
-        "in_channels": 64,
-        "out_channels": 16,
-        "num_layers": 16,
-        "attention_head_dim": 128,
-        "num_attention_heads": 8,
-        "joint_attention_dim": 3584,
-        "axes_dims_rope": (16, 56, 56),
-    },
-    "qwen-image-tiny": {
-        "patch_size": 2,
-        "in_channels": 16,
-        "out_channels": 4,
-        "num_layers": 2,
-        "attention_head_dim": 16,
-        "num_attention_heads": 2,
-        "joint_attention_dim": 32,
-        "axes_dims_rope": (4, 6, 6),
-    },
-    # The quickstart's pixel-space model: 4x4 RGB pixel patches per token
-    # (apex_dist.models.pixels), the tiny text encoder's width 32 (apex_dist.models.tiny).
-    "qwen-image-pixels-tiny": {
-        "patch_size": 2,
-        "in_channels": 48,
-        "out_channels": 12,
-        "num_layers": 4,
-        "attention_head_dim": 32,
-        "num_attention_heads": 2,
-        "joint_attention_dim": 32,
-        "axes_dims_rope": (8, 12, 12),
-    },
-}
+
+def __getattr__(name: str) -> Any:
+    """`QWEN_IMAGE_PRESETS`: the presets of every spec that builds this model, read from the
+    spec registry on first use (the specs import this module, so not at import time)."""
+    if name == "QWEN_IMAGE_PRESETS":
+        from apex_dist.models.spec import model_specs
+        from apex_dist.models.specs.qwen_image import QwenImageSpec
+
+        return {
+            preset: architecture
+            for spec in model_specs().values()
+            if isinstance(spec, QwenImageSpec)
+            for preset, architecture in spec.presets.items()
+        }
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,17 +515,13 @@ def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-def is_apex_key(name: str) -> bool:
-    """True for state-dict keys of the APEX additions (absent from diffusers checkpoints)."""
-    return name.startswith(APEX_STATE_PREFIXES)
-
-
 class QwenImageTransformer(nn.Module):
     """Qwen-Image's MMDiT with APEX's second time embedding and condition shift.
 
     Parameter names and shapes equal diffusers' `QwenImageTransformer2DModel` built from the
-    same config; the APEX additions live under `time_text_embed_2.` (E2) and
-    `condition_shift.` (a, b). Presets: `QWEN_IMAGE_PRESETS`.
+    same config; the APEX additions live under `time_text_embed_2.` (E2, built with random
+    values of its own, after every other module; `conditioning.init_apex_weights` sets it to
+    E1) and `condition_shift.` (a, b). Presets: declared by the specs (`QWEN_IMAGE_PRESETS`).
 
     Args:
         patch_size: side of the square latent patches packed into one token.
@@ -593,9 +553,9 @@ class QwenImageTransformer(nn.Module):
         joint_attention_dim: int = 3584,
         axes_dims_rope: Sequence[int] = (16, 56, 56),
         guidance_embeds: bool = False,
-        shift_scale: float = -0.5,
-        shift_bias: float = 1.0,
-        shift_learnable: bool = False,
+        shift_scale: float = DEFAULT_CONDITION_SHIFT.scale,
+        shift_bias: float = DEFAULT_CONDITION_SHIFT.bias,
+        shift_learnable: bool = DEFAULT_CONDITION_SHIFT.learnable,
     ):
         super().__init__()
         axes_dims_rope = tuple(int(axis_dim) for axis_dim in axes_dims_rope)
@@ -640,8 +600,9 @@ class QwenImageTransformer(nn.Module):
         self.norm_out = OutputNorm(self.inner_dim)
         self.proj_out = nn.Linear(self.inner_dim, patch_size * patch_size * out_channels)
 
-        # APEX additions (method.md sections 1-2)
-        self.time_text_embed_2 = copy.deepcopy(self.time_text_embed)  # E2, starts as E1
+        # APEX additions (method.md sections 1-2). E2 is built last, so that every other weight
+        # is drawn as without it; its random values are replaced by E1's (init_apex_weights)
+        self.time_text_embed_2 = TimeEmbedding(self.inner_dim)
         self.condition_shift = ConditionShift(shift_scale, shift_bias, shift_learnable)
 
         # indices of the blocks whose activations are recomputed in the backward pass
@@ -651,12 +612,12 @@ class QwenImageTransformer(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **apex_options: Any) -> QwenImageTransformer:
-        """Build a preset of `QWEN_IMAGE_PRESETS` (shift_* options pass through)."""
-        if name not in QWEN_IMAGE_PRESETS:
-            raise ValueError(
-                f"Qwen-Image preset {name!r} is unknown; known: {', '.join(QWEN_IMAGE_PRESETS)}"
-            )
-        return cls(**QWEN_IMAGE_PRESETS[name], **apex_options)
+        """Build a preset of `QWEN_IMAGE_PRESETS` (shift_* options pass through); E2 is set
+        from E1 by `conditioning.init_apex_weights` afterwards."""
+        presets = __getattr__("QWEN_IMAGE_PRESETS")
+        if name not in presets:
+            raise ValueError(f"Qwen-Image preset {name!r} is unknown; known: {', '.join(presets)}")
+        return cls(**presets[name], **apex_options)
 
     @classmethod
     def from_diffusers_config(
@@ -709,20 +670,12 @@ class QwenImageTransformer(nn.Module):
         total = count_parameters(self)
         return {"pretrained": total - apex, "apex": apex, "total": total}
 
-    @torch.no_grad()
-    def reset_target_time_embedding(self) -> None:
-        """Copy E1 into E2 (call after loading pretrained weights without E2)."""
-        for target, source in zip(
-            self.time_text_embed_2.parameters(), self.time_text_embed.parameters(), strict=True
-        ):
-            target.copy_(source)
-
     def load_pretrained_state_dict(self, state_dict: Mapping[str, Tensor]) -> list[str]:
         """Load a diffusers (or apex_dist) state dict; return the APEX keys it lacked.
 
         Every diffusers key must be present and no unknown key may appear. If the state dict
-        has no E2 (a plain diffusers checkpoint), E2 is re-initialised as a copy of the loaded
-        E1; a missing condition shift keeps its constructor values.
+        has no E2 (a plain diffusers checkpoint), E2 is set to the loaded E1
+        (`init_apex_weights`); a missing condition shift keeps its constructor values.
         """
         result = self.load_state_dict(state_dict, strict=False)
         missing_pretrained = [key for key in result.missing_keys if not is_apex_key(key)]
@@ -732,7 +685,7 @@ class QwenImageTransformer(nn.Module):
                 f"unexpected {result.unexpected_keys}"
             )
         if any(key.startswith("time_text_embed_2.") for key in result.missing_keys):
-            self.reset_target_time_embedding()
+            init_apex_weights(self)
         return list(result.missing_keys)
 
     # ---- activation checkpointing (switched from outside) ------------------------------------
@@ -852,10 +805,12 @@ class QwenImageTransformer(nn.Module):
         dtype = image.dtype
 
         # temb = E1(t) + E2(tt) * (t - tt); diffusers casts the timestep to the model dtype
-        condition = self.time_text_embed(t.to(dtype), dtype)  # (B, D)
-        target_embedding = self.time_text_embed_2(target_time.to(dtype), dtype)  # (B, D)
-        gap = (t.float() - target_time.float()).to(dtype)  # (B,), exactly 0 where tt = t
-        condition = condition + target_embedding * gap[:, None]
+        condition = combine_time_embeddings(
+            self.time_text_embed(t.to(dtype), dtype),  # (B, D)
+            self.time_text_embed_2(target_time.to(dtype), dtype),  # (B, D)
+            t,
+            target_time,
+        )
 
         # c = txt_in(txt_norm(text)); fake rows get c_fake = a*c + b
         if fake_rows is not None:

@@ -2,14 +2,21 @@
 
 `model(x_t, t, tt, text, text_mask, fake_rows) -> F` exactly as the 20B MMDiT: the class
 embedding plays the text tokens, goes through a text input projection, and the condition shift
-of fake rows is applied right after it (method.md section 2).
+of fake rows is applied right after it (method.md section 2). Its time embeddings carry the
+names every backbone uses (`time_text_embed` = E1, `time_text_embed_2` = E2; see
+`apex_dist.models.conditioning`). Its spec is `apex_dist.models.specs.toy`.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from apex_dist.models.conditioning import ConditionShift, DualTimeEmbedding, sinusoidal_embedding
+from apex_dist.models.conditioning import (
+    DEFAULT_CONDITION_SHIFT,
+    ConditionShift,
+    combine_time_embeddings,
+    sinusoidal_embedding,
+)
 
 # Width of the sinusoidal features fed to the time MLP.
 TIME_FEATURES = 64
@@ -63,19 +70,22 @@ class ToyVelocityModel(nn.Module):
         text_dim: int = 16,
         hidden_size: int = 256,
         num_blocks: int = 4,
-        shift_scale: float = -0.5,
-        shift_bias: float = 1.0,
-        shift_learnable: bool = False,
+        shift_scale: float = DEFAULT_CONDITION_SHIFT.scale,
+        shift_bias: float = DEFAULT_CONDITION_SHIFT.bias,
+        shift_learnable: bool = DEFAULT_CONDITION_SHIFT.learnable,
     ):
         super().__init__()
         self.data_dim = data_dim
         self.text_input = nn.Linear(text_dim, hidden_size)  # the "text input projection"
         self.condition_shift = ConditionShift(shift_scale, shift_bias, shift_learnable)
-        self.time_embedding = DualTimeEmbedding(TimeEmbedder(hidden_size))
+        self.time_text_embed = TimeEmbedder(hidden_size)  # E1, pretrained
         self.input = nn.Linear(data_dim, hidden_size)
         self.blocks = nn.ModuleList(ModulatedBlock(hidden_size) for _ in range(num_blocks))
         self.output_norm = nn.LayerNorm(hidden_size)
         self.output = nn.Linear(hidden_size, data_dim)
+        # E2: built last, so that the other weights are those of the model without it; its
+        # random values are replaced by E1's (conditioning.init_apex_weights)
+        self.time_text_embed_2 = TimeEmbedder(hidden_size)
 
     def forward(
         self,
@@ -91,7 +101,10 @@ class ToyVelocityModel(nn.Module):
         tokens = self.condition_shift(self.text_input(text), fake_rows)  # (B, S, H)
         weights = text_mask.to(tokens.dtype)[..., None]  # (B, S, 1)
         pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, H)
-        condition = self.time_embedding(t, target_time) + pooled
+        time = combine_time_embeddings(
+            self.time_text_embed(t), self.time_text_embed_2(target_time), t, target_time
+        )
+        condition = time + pooled
         hidden = self.input(x_t)
         for block in self.blocks:
             hidden = block(hidden, condition)
