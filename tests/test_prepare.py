@@ -173,7 +173,7 @@ def test_launcher_watch_raises_the_flag_when_the_launcher_exits():
 
 def test_kernels_of_the_config_are_applied_and_a_forced_backend_that_cannot_run_is_refused():
     import apex_kernels
-    from apex_dist.distributed.engine import apply_kernels
+    from apex_dist.distributed.build import apply_kernels
     from apex_dist.models.qwen_image import QwenImageTransformer
 
     model = QwenImageTransformer.from_preset("qwen-image-tiny")
