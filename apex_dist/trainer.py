@@ -166,12 +166,11 @@ class Trainer:
                 )
                 self.step += 1
                 self.metrics.set_flops_per_step(result.flops)
-                result.metrics["truncated_prompts"] = float(self.prepare.truncated_prompts)
-                self.prepare.truncated_prompts = 0
-                result.metrics["text_dropped"] = float(
-                    sum(batch.get("text_dropped", 0) for batch in batches)
+                result.metrics["truncated_prompts"] = float(
+                    sum(batch.truncated_prompts for batch in batches)
                 )
-                keys = [key for batch in raw for key in batch.get("key", [])]
+                result.metrics["text_dropped"] = float(sum(batch.text_dropped for batch in batches))
+                keys = [key for batch in batches for key in batch.keys]
                 self.history.append(
                     {
                         "step": self.step,

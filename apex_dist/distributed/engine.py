@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from apex_dist.config import QWEN_IMAGE_PRESET_NAMES, Config
+from apex_dist.data.batch import TrainBatch, as_train_batch
 from apex_dist.distributed.deepspeed_config import build_deepspeed_config, needs_partitioned_shadow
 from apex_dist.distributed.runtime import RankInfo, logger
 from apex_dist.distributed.shadow import ShadowWeights
@@ -275,10 +276,11 @@ def learning_rate_factor(config: Config) -> Callable[[int], float]:
 class VelocityModelAdapter:
     """The velocity-model interface over the training module.
 
-    Casts floating inputs to the model's compute dtype, passes the batch's `image_shape`
-    (Qwen-Image's keyword) and returns float32. `forward` is the DeepSpeed engine for the
-    student (its forward hooks drive ZeRO's backward) or the bare module for references;
-    `context` wraps every call (adapters switched off, shadow weights swapped in).
+    Casts floating inputs to the model's compute dtype, passes `image_shape` (Qwen-Image's
+    keyword; the objectives and samplers give the batch's) when one is given, and returns
+    float32. `forward` is the DeepSpeed engine for the student (its forward hooks drive ZeRO's
+    backward) or the bare module for references; `context` wraps every call (adapters switched
+    off, shadow weights swapped in).
     """
 
     def __init__(
@@ -290,10 +292,11 @@ class VelocityModelAdapter:
         self.forward = forward
         self.dtype = dtype
         self.context = context
-        self.image_shape: Optional[tuple[int, int, int]] = None
 
-    def __call__(self, x_t, t, target_time, text, text_mask, fake_rows=None) -> Tensor:
-        named = {} if self.image_shape is None else {"image_shape": self.image_shape}
+    def __call__(
+        self, x_t, t, target_time, text, text_mask, fake_rows=None, image_shape=None
+    ) -> Tensor:
+        named = {} if image_shape is None else {"image_shape": image_shape}
         scope = self.context() if self.context is not None else contextlib.nullcontext()
         with scope:
             velocity = self.forward(
@@ -306,23 +309,6 @@ class VelocityModelAdapter:
                 **named,
             )
         return velocity.float()
-
-
-def _image_shape(batch: dict) -> Optional[tuple[int, int, int]]:
-    shape = batch.get("image_shape")
-    if shape is None:
-        return None
-    if isinstance(shape, Tensor):
-        shape = shape.tolist()
-    if shape and isinstance(shape[0], (list, tuple)):  # one per row: all rows share it
-        first = tuple(int(size) for size in shape[0])
-        if any(tuple(int(size) for size in row) != first for row in shape):
-            raise ValueError(
-                f"batch['image_shape'] differs between rows ({shape}); a micro-batch must hold "
-                "one image size (use aspect-ratio buckets)"
-            )
-        return first
-    return tuple(int(size) for size in shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,13 +443,7 @@ class TrainingEngine:
 
     # ---- one optimizer step ---------------------------------------------------------------
 
-    def _to_device(self, batch: dict) -> dict:
-        return {
-            key: value.to(self.info.device) if isinstance(value, Tensor) else value
-            for key, value in batch.items()
-        }
-
-    def train_step(self, micro_batches: list[dict], count_flops: bool = False) -> StepResult:
+    def train_step(self, micro_batches: list[TrainBatch], count_flops: bool = False) -> StepResult:
         """Objective, backward and DeepSpeed step over `gradient_accumulation_steps`
         micro-batches; then the EMA update when the step was applied."""
         expected = self.config.train.gradient_accumulation_steps
@@ -481,11 +461,7 @@ class TrainingEngine:
             counter = FlopCounterMode(display=False)
         with counter if counter is not None else contextlib.nullcontext():
             for batch in micro_batches:
-                batch = self._to_device(batch)
-                shape = _image_shape(batch)
-                self.student.image_shape = shape
-                if self.reference is not None:
-                    self.reference.image_shape = shape
+                batch = as_train_batch(batch).to(self.info.device)
                 loss, terms = self.objective(self.student, batch, self.reference)
                 values = torch.stack(
                     [value.detach().float().reshape(()) for value in terms.values()]
