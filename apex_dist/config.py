@@ -481,7 +481,7 @@ class DataConfig:
 
     kind: Literal["toy", "synthetic", "webdataset"] = option(
         "toy",
-        "toy (2-D classes of tools/toy_experiment.py), synthetic (coloured shapes generated on "
+        "toy (2-D classes of apex_dist.data.toy), synthetic (coloured shapes generated on "
         "the fly, scored by apex_dist.data.evaluate_images), webdataset (tar shards)",
     )
     urls: list[str] = option(

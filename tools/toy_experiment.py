@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import multiprocessing
 import os
 import statistics
@@ -30,111 +29,20 @@ from pathlib import Path
 import torch
 
 from apex_dist.config import Config, apply_overrides, from_dict, to_dict
+from apex_dist.data.toy import (
+    NUM_CLASSES,
+    POOL_SIZE,
+    DataPool,
+    class_centers,
+    class_embeddings,
+    sample_data,
+)
 from apex_dist.method import build_objective, build_reference, sample, sample_euler
 from apex_dist.models import build_model
 
-NUM_CLASSES = 8
-# Class centres lie on a circle of this radius; shapes stay within SHAPE_RADIUS of the centre,
-# so each class's Voronoi cell (its "region") contains its whole shape.
-CENTER_RADIUS = 4.0
-SHAPE_RADIUS = 1.2
-TEXT_DIM = 16
-# Row of the embedding table that plays the negative prompt "Generate an image.".
-NEGATIVE_INDEX = NUM_CLASSES
-EMBEDDING_SEED = 1234
 SLICED_PROJECTIONS = 256
-# Training draws batches from a fixed pool of this many true samples per seed.
-POOL_SIZE = 1 << 17
 # Fraction of teacher batches trained on the negative prompt (what classifier-free guidance needs).
 TEACHER_TEXT_DROPOUT = 0.1
-
-
-def class_centers() -> torch.Tensor:
-    angles = torch.arange(NUM_CLASSES) * (2 * math.pi / NUM_CLASSES)
-    return CENTER_RADIUS * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
-
-
-def _shape_points(label: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Points of one class's shape around the origin, within SHAPE_RADIUS."""
-    uniform = torch.rand(count, generator=generator)
-    normal = torch.randn(count, 2, generator=generator)
-    if label == 0:  # ring
-        angle = 2 * math.pi * uniform
-        points = 0.9 * torch.stack([torch.cos(angle), torch.sin(angle)], 1) + 0.05 * normal
-    elif label == 1:  # round blob
-        points = 0.35 * normal
-    elif label == 2:  # horizontal bar
-        points = torch.stack([2 * uniform - 1, torch.zeros(count)], 1) + 0.05 * normal
-    elif label == 3:  # cross
-        along = 2 * uniform - 1
-        horizontal = torch.rand(count, generator=generator) < 0.5
-        points = (
-            torch.where(
-                horizontal[:, None],
-                torch.stack([along, torch.zeros(count)], 1),
-                torch.stack([torch.zeros(count), along], 1),
-            )
-            + 0.05 * normal
-        )
-    elif label == 4:  # two blobs
-        side = torch.where(torch.rand(count, generator=generator) < 0.5, -0.6, 0.6)
-        points = torch.stack([side, torch.zeros(count)], 1) + 0.15 * normal
-    elif label == 5:  # square outline
-        along = 2 * uniform - 1
-        edge = torch.randint(0, 4, (count,), generator=generator)
-        x = torch.where(edge < 2, along, torch.where(edge == 2, -1.0, 1.0)) * 0.7
-        y = torch.where(edge < 2, torch.where(edge == 0, -1.0, 1.0), along) * 0.7
-        points = torch.stack([x, y], 1) + 0.03 * normal
-    elif label == 6:  # spiral
-        turn = 3 * math.pi * uniform
-        radius = 0.15 + 0.3 * turn / math.pi
-        points = (
-            torch.stack([radius * torch.cos(turn), radius * torch.sin(turn)], 1) + 0.04 * normal
-        )
-    else:  # half-moon arc
-        angle = math.pi * uniform
-        points = torch.stack([torch.cos(angle), torch.sin(angle) - 0.5], 1) + 0.06 * normal
-    return points.clamp(-SHAPE_RADIUS, SHAPE_RADIUS)
-
-
-def sample_data(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """True samples (B, 2) for class labels (B,)."""
-    points = torch.empty(labels.shape[0], 2)
-    for label in range(NUM_CLASSES):
-        chosen = labels == label
-        if chosen.any():
-            points[chosen] = _shape_points(label, int(chosen.sum()), generator)
-    return points + class_centers()[labels]
-
-
-def class_embeddings() -> torch.Tensor:
-    """(NUM_CLASSES + 1, 1, TEXT_DIM): one "text token" per class, and the negative prompt."""
-    generator = torch.Generator().manual_seed(EMBEDDING_SEED)
-    return torch.randn(NUM_CLASSES + 1, 1, TEXT_DIM, generator=generator)
-
-
-class DataPool:
-    """A large fixed draw of (label, point) pairs to train from: drawing a batch is one index."""
-
-    def __init__(self, size: int, generator: torch.Generator):
-        self.labels = torch.randint(0, NUM_CLASSES, (size,), generator=generator)
-        self.points = sample_data(self.labels, generator)
-        self.embeddings = class_embeddings()
-
-    def batch(self, rows: int, generator: torch.Generator, dropout: float = 0.0) -> dict:
-        """A batch in the objectives' format; `dropout` replaces text by the negative prompt."""
-        index = torch.randint(0, self.labels.shape[0], (rows,), generator=generator)
-        text_labels = self.labels[index]
-        if dropout > 0:
-            dropped = torch.rand(rows, generator=generator) < dropout
-            text_labels = torch.where(dropped, NEGATIVE_INDEX, text_labels)
-        return {
-            "latents": self.points[index],
-            "text": self.embeddings[text_labels],
-            "text_mask": torch.ones(rows, 1, dtype=torch.bool),
-            "neg_text": self.embeddings[NEGATIVE_INDEX : NEGATIVE_INDEX + 1],
-            "neg_text_mask": torch.ones(1, 1, dtype=torch.bool),
-        }
 
 
 def sliced_wasserstein(first: torch.Tensor, second: torch.Tensor, generator) -> float:
