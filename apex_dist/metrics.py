@@ -136,7 +136,6 @@ class MetricsLogger:
         self.window_counts: dict[str, int] = {}  # finite values per metric
         self.skipped_total = 0
         self.run = None
-        self.last_report: dict[str, float] = {}
         if self.is_main and config.logging.wandb != "disabled":
             self.run = self._start_wandb()
 
@@ -241,7 +240,6 @@ class MetricsLogger:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.start()
-        self.last_report = report
         return report
 
     def log_images(

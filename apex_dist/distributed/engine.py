@@ -321,7 +321,6 @@ class StepResult:
 
     metrics: dict[str, float] = field(default_factory=dict)
     applied: bool = True
-    nonfinite_ranks_local: bool = False
     flops: Optional[float] = None
 
 
@@ -453,7 +452,6 @@ class TrainingEngine:
                 f"train.gradient_accumulation_steps is {expected}"
             )
         sums: dict[str, float] = {}
-        local_nonfinite = False
         counter = None
         if count_flops:
             from torch.utils.flop_counter import FlopCounterMode
@@ -469,7 +467,6 @@ class TrainingEngine:
                 numbers = values.tolist()  # one host sync per micro-batch
                 finite = all(math.isfinite(number) for number in numbers)
                 if not finite:
-                    local_nonfinite = True
                     bad = {
                         name: number
                         for name, number in zip(terms, numbers, strict=True)
@@ -497,7 +494,7 @@ class TrainingEngine:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["skipped"] = 0.0 if applied else 1.0
-        result = StepResult(metrics, applied, local_nonfinite)
+        result = StepResult(metrics, applied)
         if counter is not None:
             result.flops = float(counter.get_total_flops())
         limit = self.config.train.max_nonfinite_steps
