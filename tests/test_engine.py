@@ -385,7 +385,36 @@ def scenario_lora_and_zero2(rank: int, directory: Path) -> dict:
     result["zero2_applied"] = [applied for applied, _ in snapshots]
     result["zero2_skip_kept_weights"] = torch.equal(snapshots[1][1], snapshots[0][1])
     result["zero2_step_changed_weights"] = not torch.equal(snapshots[2][1], snapshots[1][1])
+    # a run that starts from given weights (as a student from its teacher): the model, and the
+    # optimizer's own copy that the first step starts from, hold them
+    state = {
+        name: value.clone() * 0.5 for name, value in trainer.engine.module.state_dict().items()
+    }
     trainer.close()
+    from apex_dist.distributed.runtime import init_distributed
+    from apex_dist.trainer import Trainer
+
+    config = tiny_config(
+        directory / "initial", "parallel.zero_stage=2", "train.steps=1", "checkpoint.every_steps=0"
+    )
+    trainer = Trainer(config, init_distributed(), TinyLatentStream, initial_state=state)
+    parameters = dict(trainer.engine.module.named_parameters())
+    result["initial_loaded"] = all(torch.equal(parameters[n], state[n]) for n in parameters)
+    trainer.train()
+    result["initial_first_step"] = max(
+        float((parameters[name] - state[name]).abs().max()) for name in parameters
+    )
+    trainer.close()
+    try:
+        Trainer(
+            config,
+            init_distributed(),
+            TinyLatentStream,
+            initial_state={"img_in.weight": torch.zeros(1)},
+        )
+        result["initial_refused"] = None
+    except ValueError as error:
+        result["initial_refused"] = str(error)
     return result
 
 
@@ -484,6 +513,15 @@ def test_lora_zero3_and_zero2_nonfinite_steps(lora_and_zero2_runs):
         assert rank_result["zero2_skip_kept_weights"]
         assert rank_result["zero2_step_changed_weights"]
         assert "2 optimizer steps in a row" in rank_result["zero2_stopped"]
+
+
+def test_a_run_starts_from_given_weights(lora_and_zero2_runs):
+    for rank_result in lora_and_zero2_runs:
+        assert rank_result["initial_loaded"]
+        # one AdamW step of lr 5e-4 (warm-up) moves a weight by about 5e-4, from the given state
+        assert 0 < rank_result["initial_first_step"] < 1e-2
+        assert "does not fit" in rank_result["initial_refused"]
+        assert "missing" in rank_result["initial_refused"]
 
 
 def test_logged_losses_are_the_mean_over_ranks(lora_and_zero2_runs):

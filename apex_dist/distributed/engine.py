@@ -269,6 +269,38 @@ def learning_rate_factor(config: Config) -> Callable[[int], float]:
     return factor
 
 
+def load_initial_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Start from `state` instead of the built weights: the state dict of a model built from
+    the same model settings (e.g. a teacher trained in this process, `engine.module`'s). Set
+    before DeepSpeed wraps the model, so the optimizer, the references and the shadows start
+    from it too; under ZeRO-3 one gathered parameter at a time, written by rank 0."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong_shapes = [
+        name
+        for name, tensor in own.items()
+        if name in state
+        and tuple(state[name].shape) != tuple(getattr(tensor, "ds_shape", tensor.shape))
+    ]
+    if missing or unexpected or wrong_shapes:
+        raise ValueError(
+            f"the initial state does not fit {type(model).__name__} (missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}, other shapes {wrong_shapes[:4]}): give the state "
+            "dict of a model built from the same model settings"
+        )
+    partitioned = any(hasattr(tensor, "ds_id") for tensor in own.values())
+    for name, tensor in own.items():
+        if partitioned:
+            from apex_dist.distributed.zero_loading import zero3_parameter_context
+
+            scope = zero3_parameter_context(tensor)
+        else:
+            scope = contextlib.nullcontext(True)
+        with scope as writes, torch.no_grad():
+            if writes:
+                tensor.data.copy_(state[name].to(tensor.device, tensor.dtype))
+
+
 # --------------------------------------------------------------------------------------------
 # calling the model
 
@@ -327,13 +359,17 @@ class StepResult:
 class TrainingEngine:
     """DeepSpeed engine, objective, reference and shadow weights of one run (module doc)."""
 
-    def __init__(self, config: Config, info: RankInfo):
+    def __init__(
+        self, config: Config, info: RankInfo, initial_state: Optional[dict[str, Tensor]] = None
+    ):
         self.config = config
         self.info = info
         self.deepspeed_config = build_deepspeed_config(config, info.world_size)
         self.compute_dtype = DTYPES[config.model.dtype]
         self.lora = config.model.lora.enabled
         model = build_training_model(config, info, self.deepspeed_config)
+        if initial_state is not None:
+            load_initial_state(model, initial_state)
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters; check model.lora")
