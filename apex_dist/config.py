@@ -63,6 +63,46 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at
 
 
 # --------------------------------------------------------------------------------------------
+# validation helpers: each returns [] or the one problem, naming the field path
+
+
+def at_least(path: str, name: str, value: float, minimum: float, reason: str = "") -> list[str]:
+    """`value` >= `minimum` (nan is left to the finiteness check); `reason` (": why") is
+    appended to the problem."""
+    if not value < minimum:
+        return []
+    return [f"{path}.{name} must be >= {minimum} (got {value}){reason}"]
+
+
+def positive(path: str, name: str, value: float, reason: str = "") -> list[str]:
+    """`value` > 0 (nan fails too)."""
+    if value > 0:
+        return []
+    return [f"{path}.{name} must be > 0 (got {value}){reason}"]
+
+
+def in_range(
+    path: str,
+    name: str,
+    value: float,
+    low: float,
+    high: float,
+    bounds: str = "[]",
+    reason: str = "",
+) -> list[str]:
+    """`value` in the interval from `low` to `high`; `bounds` says which ends are included,
+    as written: "[]", "[)", "(]" or "()"."""
+    if bounds not in ("[]", "[)", "(]", "()"):
+        raise ValueError(f"bounds must be one of [], [), (], () (got {bounds!r})")
+    above = value >= low if bounds[0] == "[" else value > low
+    below = value <= high if bounds[1] == "]" else value < high
+    if above and below:
+        return []
+    interval = f"{bounds[0]}{low}, {high}{bounds[1]}"
+    return [f"{path}.{name} must be in {interval} (got {value}){reason}"]
+
+
+# --------------------------------------------------------------------------------------------
 # model
 
 # Model presets that apex_dist.models.build_model knows (kept here so that validation needs no
@@ -88,11 +128,10 @@ class ToyModelConfig:
     num_blocks: int = option(4, "number of residual blocks")
 
     def validate(self, path: str) -> list[str]:
-        return [
-            f"{path}.{name} must be a positive integer (got {getattr(self, name)})"
-            for name in ("data_dim", "text_dim", "hidden_size", "num_blocks")
-            if getattr(self, name) < 1
-        ]
+        problems = []
+        for name in ("data_dim", "text_dim", "hidden_size", "num_blocks"):
+            problems += at_least(path, name, getattr(self, name), 1)
+        return problems
 
 
 # LoRA target presets of `apex_dist.models.lora` (`LORA_TARGET_PRESETS`; a test keeps the two
@@ -124,13 +163,8 @@ class LoraConfig:
     dropout: float = option(0.0, "dropout on the adapter input")
 
     def validate(self, path: str) -> list[str]:
-        problems = []
-        if self.rank < 1:
-            problems.append(f"{path}.rank must be >= 1 (got {self.rank})")
-        if not self.alpha > 0:
-            problems.append(f"{path}.alpha must be > 0 (got {self.alpha})")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"{path}.dropout must be in [0, 1) (got {self.dropout})")
+        problems = at_least(path, "rank", self.rank, 1) + positive(path, "alpha", self.alpha)
+        problems += in_range(path, "dropout", self.dropout, 0, 1, "[)")
         if self.init == "orthogonal" and self.rank % 2:
             problems.append(
                 f"{path}.init orthogonal needs an even rank (got rank {self.rank}): A and B "
@@ -203,11 +237,14 @@ class ModelConfig:
                 f"{path}.pretrained: directory {self.pretrained!r} does not exist "
                 "(give a local snapshot directory or null)"
             )
-        if not 1 <= self.text_max_length <= TEXT_MAX_TOKENS:
-            problems.append(
-                f"{path}.text_max_length must be in [1, {TEXT_MAX_TOKENS}] (got "
-                f"{self.text_max_length}): Qwen-Image keeps at most {TEXT_MAX_TOKENS} text tokens"
-            )
+        problems += in_range(
+            path,
+            "text_max_length",
+            self.text_max_length,
+            1,
+            TEXT_MAX_TOKENS,
+            reason=f": Qwen-Image keeps at most {TEXT_MAX_TOKENS} text tokens",
+        )
         return problems
 
 
@@ -222,16 +259,10 @@ class TimeSamplingConfig:
     scale: float = option(1.0, "t ~ Beta(p, q) * scale: scale, in (0, 1]")
 
     def validate(self, path: str) -> list[str]:
-        problems = [
-            f"{path}.{name} must be > 0 (got {getattr(self, name)})"
-            for name in ("beta_p", "beta_q")
-            if not getattr(self, name) > 0
-        ]
-        if not 0 < self.scale <= 1:
-            problems.append(
-                f"{path}.scale must be in (0, 1] (got {self.scale}): times live in [0, 1]"
-            )
-        return problems
+        problems = positive(path, "beta_p", self.beta_p) + positive(path, "beta_q", self.beta_q)
+        return problems + in_range(
+            path, "scale", self.scale, 0, 1, "(]", reason=": times live in [0, 1]"
+        )
 
 
 @dataclass
@@ -242,9 +273,7 @@ class LossConfig:
     robust_scale: float = option(1e-3, "c of the robust loss, about the per-row RMSE")
 
     def validate(self, path: str) -> list[str]:
-        if not self.robust_scale > 0:
-            return [f"{path}.robust_scale must be > 0 (got {self.robust_scale})"]
-        return []
+        return positive(path, "robust_scale", self.robust_scale)
 
 
 @dataclass
@@ -274,9 +303,9 @@ class ReferenceConfig:
     ema_decay: float = option(0.999, "target EMA decay, reached by a warm-up (mode ema)")
 
     def validate(self, path: str) -> list[str]:
-        if self.mode == "ema" and not 0 < self.ema_decay < 1:
-            return [f"{path}.ema_decay must be in (0, 1) for mode ema (got {self.ema_decay})"]
-        return []
+        if self.mode != "ema":
+            return []
+        return in_range(path, "ema_decay", self.ema_decay, 0, 1, "()", reason=" for mode ema")
 
 
 @dataclass
@@ -292,9 +321,7 @@ class GuidanceConfig:
     negative_prompt: str = option("Generate an image.", "prompt whose embedding is c_neg")
 
     def validate(self, path: str) -> list[str]:
-        if self.ratio < 0:
-            return [f"{path}.ratio must be >= 0 (got {self.ratio})"]
-        return []
+        return at_least(path, "ratio", self.ratio, 0)
 
     def validate_with_reference(self, path: str, reference_mode: str) -> list[str]:
         """With the student (online) or its EMA as the reference, the guided target's fixed
@@ -348,12 +375,9 @@ class ApexConfig:
                 f"{self.fake_source!r}): the paper's fake samples are predictions from noised "
                 "data, which prompt-only training does not have"
             )
-        if not 0 <= self.mix_ratio <= 1:
-            problems.append(f"{path}.mix_ratio must be in [0, 1] (got {self.mix_ratio})")
-        for name in ("fake_weight", "mix_weight"):
-            if getattr(self, name) < 0:
-                problems.append(f"{path}.{name} must be >= 0 (got {getattr(self, name)})")
-        return problems
+        problems += in_range(path, "mix_ratio", self.mix_ratio, 0, 1)
+        problems += at_least(path, "fake_weight", self.fake_weight, 0)
+        return problems + at_least(path, "mix_weight", self.mix_weight, 0)
 
 
 @dataclass
@@ -374,23 +398,13 @@ class ApexV0Config:
     )
 
     def validate(self, path: str) -> list[str]:
-        problems = []
-        if not 0 <= self.mul_jitter <= 1:
-            problems.append(f"{path}.mul_jitter must be in [0, 1] (got {self.mul_jitter})")
-        if self.consistency_order < 1:
-            problems.append(f"{path}.consistency_order must be >= 1 (got {self.consistency_order})")
-        if not 0 < self.consistency_delta < 1:
-            problems.append(
-                f"{path}.consistency_delta must be in (0, 1) (got {self.consistency_delta})"
-            )
-        if not self.residual_clamp > 0:
-            problems.append(f"{path}.residual_clamp must be > 0 (got {self.residual_clamp})")
-        if self.distribution_matching_weight < 0:
-            problems.append(
-                f"{path}.distribution_matching_weight must be >= 0 "
-                f"(got {self.distribution_matching_weight})"
-            )
-        return problems
+        return [
+            *in_range(path, "mul_jitter", self.mul_jitter, 0, 1),
+            *at_least(path, "consistency_order", self.consistency_order, 1),
+            *in_range(path, "consistency_delta", self.consistency_delta, 0, 1, "()"),
+            *positive(path, "residual_clamp", self.residual_clamp),
+            *at_least(path, "distribution_matching_weight", self.distribution_matching_weight, 0),
+        ]
 
 
 @dataclass
@@ -466,7 +480,7 @@ class DataConfig:
 
     kind: Literal["toy", "synthetic", "webdataset"] = option(
         "toy",
-        "toy (2-D classes of tools/toy_experiment.py), synthetic (coloured shapes generated on "
+        "toy (2-D classes of apex_dist.data.toy), synthetic (coloured shapes generated on "
         "the fly, scored by apex_dist.data.evaluate_images), webdataset (tar shards)",
     )
     urls: list[str] = option(
@@ -536,23 +550,12 @@ class DataConfig:
         if any(not ratio > 0 for ratio in self.aspect_buckets):
             problems.append(f"{path}.aspect_buckets must be > 0 (got {self.aspect_buckets})")
         for name in ("shuffle_buffer", "shuffle_shards", "synthetic_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{path}.{name} must be >= 1 (got {getattr(self, name)})")
-        if self.epoch_samples < 0:
-            problems.append(f"{path}.epoch_samples must be >= 0 (got {self.epoch_samples})")
-        if not 0 <= self.max_bad_fraction <= 1:
-            problems.append(
-                f"{path}.max_bad_fraction must be in [0, 1] (got {self.max_bad_fraction})"
-            )
-        if self.num_workers < 0:
-            problems.append(f"{path}.num_workers must be >= 0 (got {self.num_workers})")
-        if not self.read_timeout_seconds > 0:
-            problems.append(
-                f"{path}.read_timeout_seconds must be > 0 (got {self.read_timeout_seconds})"
-            )
-        if not 0 <= self.text_dropout < 1:
-            problems.append(f"{path}.text_dropout must be in [0, 1) (got {self.text_dropout})")
-        return problems
+            problems += at_least(path, name, getattr(self, name), 1)
+        problems += at_least(path, "epoch_samples", self.epoch_samples, 0)
+        problems += in_range(path, "max_bad_fraction", self.max_bad_fraction, 0, 1)
+        problems += at_least(path, "num_workers", self.num_workers, 0)
+        problems += positive(path, "read_timeout_seconds", self.read_timeout_seconds)
+        return problems + in_range(path, "text_dropout", self.text_dropout, 0, 1, "[)")
 
 
 @dataclass
@@ -569,28 +572,25 @@ class OptimizerConfig:
     min_lr_ratio: float = option(0.0, "final learning rate / lr of the cosine schedule")
 
     def validate(self, path: str) -> list[str]:
-        problems = []
-        if not self.lr > 0:
-            problems.append(f"{path}.lr must be > 0 (got {self.lr})")
+        problems = positive(path, "lr", self.lr)
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             problems.append(f"{path}.betas must be two numbers in [0, 1) (got {self.betas})")
-        if not self.eps > 0:
-            problems.append(
-                f"{path}.eps must be > 0 (got {self.eps}): AdamW divides by sqrt(v) + eps, "
-                "which is 0/0 for a parameter whose gradients are all zero"
-            )
+        problems += positive(
+            path,
+            "eps",
+            self.eps,
+            reason=": AdamW divides by sqrt(v) + eps, which is 0/0 for a parameter whose "
+            "gradients are all zero",
+        )
         for name in ("weight_decay", "grad_clip", "warmup_steps"):
-            if getattr(self, name) < 0:
-                problems.append(f"{path}.{name} must be >= 0 (got {getattr(self, name)})")
+            problems += at_least(path, name, getattr(self, name), 0)
         if self.lr > 0 and not self.lr * self.weight_decay < 1:
             problems.append(
                 f"{path}.lr * {path}.weight_decay must be < 1 (got {self.lr} * "
                 f"{self.weight_decay}): AdamW multiplies every weight by 1 - lr * weight_decay "
                 "each step, which flips or zeroes the weights from 1 on"
             )
-        if not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"{path}.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
-        return problems
+        return problems + in_range(path, "min_lr_ratio", self.min_lr_ratio, 0, 1)
 
 
 # Default of train.watchdog_seconds: the longest legitimate silence of a rank is one
@@ -619,27 +619,20 @@ class TrainConfig:
     )
 
     def validate(self, path: str) -> list[str]:
-        problems = [
-            f"{path}.{name} must be >= 1 (got {getattr(self, name)})"
-            for name in (
-                "steps",
-                "micro_batch_size",
-                "gradient_accumulation_steps",
-                "max_nonfinite_steps",
-            )
-            if getattr(self, name) < 1
-        ]
-        if not 0 <= self.seed <= MAX_SEED:
-            problems.append(
-                f"{path}.seed must be in [0, {MAX_SEED}] (got {self.seed}): numpy accepts only "
-                "seeds in this range"
-            )
-        if not 0 <= self.watchdog_seconds < float("inf"):
-            problems.append(
-                f"{path}.watchdog_seconds must be a finite number >= 0, 0 disabling the watchdog "
-                f"(got {self.watchdog_seconds})"
-            )
-        return problems
+        problems = []
+        for name in (
+            "steps",
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "max_nonfinite_steps",
+        ):
+            problems += at_least(path, name, getattr(self, name), 1)
+        problems += in_range(
+            path, "seed", self.seed, 0, MAX_SEED, reason=": numpy accepts only seeds in this range"
+        )
+        return problems + at_least(
+            path, "watchdog_seconds", self.watchdog_seconds, 0, reason=", 0 disabling the watchdog"
+        )
 
 
 @dataclass
@@ -664,11 +657,9 @@ class ParallelConfig:
                 f"{path}.zero_stage {self.zero_stage} is not supported: use 2 (gradients and "
                 "optimizer states sharded) or 3 (weights sharded as well)"
             )
-        if self.hierarchical_partition_size < 1:
-            problems.append(
-                f"{path}.hierarchical_partition_size must be >= 1 "
-                f"(got {self.hierarchical_partition_size})"
-            )
+        problems += at_least(
+            path, "hierarchical_partition_size", self.hierarchical_partition_size, 1
+        )
         if self.hierarchical_partition_size > 1 and self.zero_stage != 3:
             problems.append(
                 f"{path}.hierarchical_partition_size={self.hierarchical_partition_size} (ZeRO++ "
@@ -679,12 +670,9 @@ class ParallelConfig:
                 f"{path}.offload_params={self.offload_params!r} needs zero_stage 3 "
                 f"(got {self.zero_stage})"
             )
-        if self.activation_checkpointing < 0:
-            problems.append(
-                f"{path}.activation_checkpointing must be >= 0 "
-                f"(got {self.activation_checkpointing})"
-            )
-        return problems
+        return problems + at_least(
+            path, "activation_checkpointing", self.activation_checkpointing, 0
+        )
 
 
 @dataclass
@@ -718,11 +706,11 @@ class CheckpointConfig:
                 f"{path}.resume=latest resumes from them: set resume=null to start over, or "
                 "overwrite=false to continue"
             )
-        if self.every_steps < 0:
-            problems.append(f"{path}.every_steps must be >= 0 (got {self.every_steps})")
-        if self.keep_last < 1:
-            problems.append(f"{path}.keep_last must be >= 1 (got {self.keep_last})")
-        return problems
+        return (
+            problems
+            + at_least(path, "every_steps", self.every_steps, 0)
+            + at_least(path, "keep_last", self.keep_last, 1)
+        )
 
 
 @dataclass
@@ -747,14 +735,11 @@ class LoggingConfig:
     )
 
     def validate(self, path: str) -> list[str]:
-        problems = [
-            f"{path}.{name} must be >= 1 (got {getattr(self, name)})"
-            for name in ("every_steps", "sample_count", "teacher_steps")
-            if getattr(self, name) < 1
-        ]
+        problems = []
+        for name in ("every_steps", "sample_count", "teacher_steps"):
+            problems += at_least(path, name, getattr(self, name), 1)
         for name in ("sample_every_steps", "peak_tflops", "teacher_guidance_scale"):
-            if getattr(self, name) < 0:
-                problems.append(f"{path}.{name} must be >= 0 (got {getattr(self, name)})")
+            problems += at_least(path, name, getattr(self, name), 0)
         return problems
 
 

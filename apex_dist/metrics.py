@@ -2,6 +2,10 @@
 
 - Console (rank 0, every `logging.every_steps`): step/total, loss, samples/s, ETA, plus the
   skipped-step count when any.
+- Every report covers all ranks: at each report every rank enters one all-reduce of its
+  window's sums and counts (one stacked tensor), so a loss term is the mean over ranks and
+  steps of the finite values, and the row counters (`SUMMED_OVER_RANKS`) are totals over ranks
+  per step. Grad norm, learning rate and skipped steps are the same on every rank already.
 - wandb (`logging.wandb`: online, offline or disabled; rank 0 only): every loss term the
   objective reports, grad norm, learning rate, samples/s, MFU, peak memory, validation grids.
 - MFU = FLOPs of one optimizer step per rank / step time / peak FLOP/s of one device. The
@@ -37,6 +41,8 @@ MAXRSS_UNIT_BYTES = 1024
 RUN_ID_FILE = "run_id"
 # Hex digits of randomness in a run id (after the directory name): 2^32 ids per name.
 RUN_ID_RANDOM_HEX = 8
+# Step metrics that count rows on each rank: reported as totals over ranks (per step), not means.
+SUMMED_OVER_RANKS = ("truncated_prompts", "text_dropped")
 # Library warnings that DeepSpeed triggers on every step (it calls collectives torch has
 # deprecated); they would outnumber the progress lines.
 REPEATED_LIBRARY_WARNINGS = (
@@ -125,9 +131,9 @@ class MetricsLogger:
         self.window_start = time.perf_counter()
         self.window_steps = 0
         self.window_sums: dict[str, float] = {}
+        self.window_counts: dict[str, int] = {}  # finite values per metric
         self.skipped_total = 0
         self.run = None
-        self.last_report: dict[str, float] = {}
         if self.is_main and config.logging.wandb != "disabled":
             self.run = self._start_wandb()
 
@@ -152,25 +158,56 @@ class MetricsLogger:
         self.window_start = time.perf_counter()
         self.window_steps = 0
         self.window_sums = {}
+        self.window_counts = {}
 
     def set_flops_per_step(self, flops: Optional[float]) -> None:
         if flops:
             self.flops_per_step = flops
 
     def record(self, step: int, metrics: dict[str, float]) -> Optional[dict[str, float]]:
-        """Add one optimizer step; return (and print) the report when one is due."""
+        """Add one optimizer step; return (and print) the report when one is due.
+
+        Collective when a report is due: every rank must call it at every step (the trainer
+        does), with the same metric names."""
         self.window_steps += 1
         self.skipped_total += int(metrics.get("skipped", 0))
         for name, value in metrics.items():
-            if math.isfinite(value):
-                self.window_sums[name] = self.window_sums.get(name, 0.0) + value
+            finite = math.isfinite(value)
+            self.window_sums[name] = self.window_sums.get(name, 0.0) + (value if finite else 0.0)
+            self.window_counts[name] = self.window_counts.get(name, 0) + int(finite)
         if step % self.config.logging.every_steps and step != self.config.train.steps:
             return None
         return self._report(step)
 
+    def window_means_over_ranks(self) -> dict[str, float]:
+        """Each metric of the window over all ranks: the mean of its finite values (nan when
+        none), or for SUMMED_OVER_RANKS the total over ranks per step. One all-reduce that
+        every rank enters."""
+        import torch.distributed as dist
+
+        names = sorted(self.window_sums)
+        totals = torch.tensor(
+            [
+                [self.window_sums[name] for name in names],
+                [self.window_counts[name] for name in names],
+            ],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        sums, counts = totals.tolist()
+        means = {}
+        for name, total, count in zip(names, sums, counts, strict=True):
+            if name in SUMMED_OVER_RANKS:
+                means[name] = total / self.window_steps
+            else:
+                means[name] = total / count if count else float("nan")
+        return means
+
     def _report(self, step: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-        report = {name: total / self.window_steps for name, total in self.window_sums.items()}
+        report = self.window_means_over_ranks()
         seconds_per_step = elapsed / self.window_steps
         report["samples_per_second"] = self.samples_per_step / seconds_per_step
         report["seconds_per_step"] = seconds_per_step
@@ -200,10 +237,7 @@ class MetricsLogger:
                 self.run.log({f"train/{name}": value for name, value in report.items()}, step=step)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.window_start = time.perf_counter()
-        self.window_steps = 0
-        self.window_sums = {}
-        self.last_report = report
+        self.start()
         return report
 
     def log_images(

@@ -77,13 +77,22 @@ class TrainSummary:
 
 
 class Trainer:
-    """Builds everything of one run and trains it (module doc)."""
+    """Builds everything of one run and trains it (module doc).
+
+    Args:
+        config: the run's validated config.
+        info: this process's rank (None: create the process group).
+        stream_factory: `(config, rank, world_size, micro_batch_size, seed) -> stream`.
+        initial_state: weights to start from instead of the built ones (a state dict of a
+            model built from the same model settings; `TrainingEngine`, `load_initial_state`).
+    """
 
     def __init__(
         self,
         config: Config,
         info: Optional[RankInfo] = None,
         stream_factory: StreamFactory = default_stream_factory,
+        initial_state: Optional[dict[str, torch.Tensor]] = None,
     ):
         self.config = config
         quiet_library_output()
@@ -97,7 +106,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
         barrier()
-        self.engine = TrainingEngine(config, self.info)
+        self.engine = TrainingEngine(config, self.info, initial_state)
         self.rank_seed = config.train.seed + RANK_SEED_STRIDE * self.info.rank
         seed_everything(self.rank_seed)
         self.stream_factory = stream_factory
@@ -168,12 +177,11 @@ class Trainer:
                 self.step += 1
                 watchdog.progress(self.step)
                 self.metrics.set_flops_per_step(result.flops)
-                result.metrics["truncated_prompts"] = float(self.prepare.truncated_prompts)
-                self.prepare.truncated_prompts = 0
-                result.metrics["text_dropped"] = float(
-                    sum(batch.get("text_dropped", 0) for batch in batches)
+                result.metrics["truncated_prompts"] = float(
+                    sum(batch.truncated_prompts for batch in batches)
                 )
-                keys = [key for batch in raw for key in batch.get("key", [])]
+                result.metrics["text_dropped"] = float(sum(batch.text_dropped for batch in batches))
+                keys = [key for batch in batches for key in batch.keys]
                 self.history.append(
                     {
                         "step": self.step,

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from apex_dist.atomic import atomic_path
+from apex_dist.data.batch import TrainBatch
 from apex_dist.method import sample, sample_euler
 
 logger = logging.getLogger("apex_dist")
@@ -69,33 +70,26 @@ class ValidationGrid:
         self.trainer = trainer
         self.config = trainer.config
         self.directory = Path(self.config.train.output_dir) / "samples"
-        self._batch: Optional[dict] = None
+        self._batch: Optional[TrainBatch] = None
+        self._noise: Optional[Tensor] = None
         self._teacher: Optional[Tensor] = None
         if fresh and trainer.info.is_main:
             (self.directory / TEACHER_FILE).unlink(missing_ok=True)
 
     # ---- the fixed batch ---------------------------------------------------------------------
 
-    def batch(self) -> dict:
-        """`logging.sample_count` prepared rows with their noise, the same on every rank."""
+    def batch(self) -> TrainBatch:
+        """`logging.sample_count` prepared rows, the same on every rank."""
         if self._batch is None:
             config, trainer = self.config, self.trainer
             seed = config.train.seed + VALIDATION_SEED_OFFSET
             count = config.logging.sample_count
             stream = trainer.stream_factory(config, 0, 1, count, seed)
-            raw = next(iter(stream))
-            batch = trainer.prepare(raw, step=0, micro_batch=0, training=False)
-            generator = torch.Generator().manual_seed(seed)
-            if "latents" in batch:
-                shape = tuple(batch["latents"].shape)
-            else:  # prompt-only data: the shape the student generates
-                shape = (len(batch["text"]), *batch["latent_shape"])
-            batch["noise"] = torch.randn(shape, generator=generator).to(trainer.info.device)
-            batch["labels"] = labels_of(raw, len(batch["text"]))
+            batch = trainer.prepare(next(iter(stream)), step=0, micro_batch=0, training=False)
             guidance = config.logging.teacher_guidance_scale
-            if guidance != 1.0 and "neg_text" not in batch:
+            if guidance != 1.0 and batch.neg_text is None:
                 try:
-                    batch["neg_text"], batch["neg_text_mask"] = trainer.prepare.negative()
+                    batch.neg_text, batch.neg_text_mask = trainer.prepare.negative()
                 except (ValueError, FileNotFoundError) as error:
                     logger.warning(
                         "validation teacher without guidance: the negative prompt cannot be "
@@ -105,34 +99,53 @@ class ValidationGrid:
             self._batch = batch
         return self._batch
 
+    def noise(self) -> Tensor:
+        """The starting noise of every sampler, fixed for the run (the validation seed)."""
+        if self._noise is None:
+            generator = torch.Generator().manual_seed(
+                self.config.train.seed + VALIDATION_SEED_OFFSET
+            )
+            shape = self.batch().generated_shape()
+            self._noise = torch.randn(shape, generator=generator).to(self.trainer.info.device)
+        return self._noise
+
+    def teacher_guidance_scale(self) -> float:
+        """logging.teacher_guidance_scale, or 1 when the negative prompt is not available."""
+        if self.batch().neg_text is None:
+            return 1.0
+        return self.config.logging.teacher_guidance_scale
+
     # ---- sampling ----------------------------------------------------------------------------
 
     def _sample(self, model, nfe: Optional[int]) -> Tensor:
         """The teacher (nfe None: Euler with CFG) or the student at `nfe` evaluations."""
-        from apex_dist.distributed.engine import _image_shape
-
-        batch, engine = self.batch(), self.trainer.engine
-        model.image_shape = _image_shape(batch)
-        text, mask = batch["text"], batch["text_mask"]
+        batch, noise, engine = self.batch(), self.noise(), self.trainer.engine
+        text, mask = batch.text, batch.text_mask
         with engine.evaluation():
             if nfe is None:
-                scale = self.config.logging.teacher_guidance_scale
-                if "neg_text" not in batch:
-                    scale = 1.0
                 return sample_euler(
                     model,
-                    batch["noise"],
+                    noise,
                     text,
                     mask,
                     steps=self.config.logging.teacher_steps,
-                    guidance_scale=scale,
-                    neg_text=batch.get("neg_text"),
-                    neg_text_mask=batch.get("neg_text_mask"),
+                    guidance_scale=self.teacher_guidance_scale(),
+                    neg_text=batch.neg_text,
+                    neg_text_mask=batch.neg_text_mask,
+                    image_shape=batch.image_shape,
                 ).cpu()
-            generator = torch.Generator(device=batch["noise"].device).manual_seed(
+            generator = torch.Generator(device=noise.device).manual_seed(
                 self.config.train.seed + VALIDATION_SEED_OFFSET + nfe
             )
-            return sample(model, batch["noise"], text, mask, nfe=nfe, generator=generator).cpu()
+            return sample(
+                model,
+                noise,
+                text,
+                mask,
+                nfe=nfe,
+                generator=generator,
+                image_shape=batch.image_shape,
+            ).cpu()
 
     def teacher_samples(self, step: int) -> Optional[Tensor]:
         """The teacher's samples: from memory, from the run directory, or sampled now."""
@@ -167,7 +180,7 @@ class ValidationGrid:
         teacher = self.teacher_samples(step)
         if teacher is not None:
             steps = self.config.logging.teacher_steps
-            scale = self.config.logging.teacher_guidance_scale if "neg_text" in batch else 1.0
+            scale = self.teacher_guidance_scale()
             rows.append(("teacher", f"teacher\n{steps} steps\ncfg {scale:g}", teacher))
         student = self.trainer.engine.inference_model()
         for nfe in STUDENT_NFES:
@@ -176,10 +189,9 @@ class ValidationGrid:
         if self.trainer.info.is_main:
             pictures = {name: self.pictures(samples) for name, _, samples in rows}
             path = self.directory / f"step_{step:08d}.png"
-            save_labelled_grid(
-                [(label, pictures[name]) for name, label, _ in rows], batch["labels"], path
-            )
-            self.trainer.metrics.log_images(step, pictures, batch["labels"], grid=path)
+            labels = batch.labels()
+            save_labelled_grid([(label, pictures[name]) for name, label, _ in rows], labels, path)
+            self.trainer.metrics.log_images(step, pictures, labels, grid=path)
             logger.info("validation grid %s", path)
         barrier()
         return path
@@ -189,20 +201,8 @@ class ValidationGrid:
         batch = self.batch()
         if samples.dim() == 2 and samples.shape[1] == 2:
             return [draw_point(point) for point in samples]
-        from apex_dist.distributed.engine import _image_shape
-
-        shape = _image_shape(batch)
-        images = self.trainer.prepare.decode(samples, shape).cpu()
+        images = self.trainer.prepare.decode(samples, batch.image_shape).cpu()
         return [((image + 1) / 2).clamp(0, 1) for image in images]
-
-
-def labels_of(raw: dict, rows: int) -> list[str]:
-    """The prompt of each row (or its key, for data without prompts)."""
-    if "prompt" in raw:
-        return [str(prompt) for prompt in raw["prompt"]]
-    if "key" in raw:
-        return [str(key) for key in raw["key"]][:rows]
-    return [f"row {index}" for index in range(rows)]
 
 
 def draw_point(point: Tensor) -> Tensor:

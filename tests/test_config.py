@@ -8,9 +8,12 @@ from apex_dist.config import (
     ConfigError,
     MethodConfig,
     apply_overrides,
+    at_least,
     describe,
     from_dict,
+    in_range,
     load_config,
+    positive,
     save_config,
 )
 
@@ -284,3 +287,53 @@ def test_changing_one_config_leaves_the_defaults_of_others_alone():
     second = Config()
     assert second.method.condition_shift.bias == 1.0
     assert second.optimizer.betas == [0.9, 0.99]
+
+
+def test_range_helpers_name_the_path_the_interval_and_the_value():
+    assert in_range("data", "text_dropout", 1.0, 0, 1, "[)") == [
+        "data.text_dropout must be in [0, 1) (got 1.0)"
+    ]
+    assert in_range("data", "text_dropout", 0.0, 0, 1, "[)") == []
+    assert in_range("a", "b", 0.0, 0, 1, "(]", reason=": why") == [
+        "a.b must be in (0, 1] (got 0.0): why"
+    ]
+    assert in_range("a", "b", float("nan"), 0, 1) != []
+    assert positive("a", "b", 0) == ["a.b must be > 0 (got 0)"] and positive("a", "b", 1e-9) == []
+    assert positive("a", "b", float("nan")) != []
+    assert (
+        at_least("a", "b", 0, 1) == ["a.b must be >= 1 (got 0)"] and at_least("a", "b", 1, 1) == []
+    )
+    assert at_least("a", "b", float("nan"), 0) == []  # left to the finiteness check: one problem
+    with pytest.raises(ValueError, match="bounds"):
+        in_range("a", "b", 0.5, 0, 1, "[[")
+
+
+def test_range_problems_keep_their_paths_and_reasons():
+    overrides = [
+        "model.text_max_length=0",
+        "model.toy.hidden_size=0",
+        "model.lora.dropout=1",
+        "method.reference.mode=ema",
+        "method.reference.ema_decay=1",
+        "method.apex_v0.consistency_delta=0",
+        "data.max_bad_fraction=2",
+        "data.read_timeout_seconds=0",
+        "parallel.activation_checkpointing=-1",
+        "checkpoint.keep_last=0",
+        "logging.teacher_guidance_scale=-1",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    assert caught.value.problems == [
+        "model.toy.hidden_size must be >= 1 (got 0)",
+        "model.lora.dropout must be in [0, 1) (got 1.0)",
+        "model.text_max_length must be in [1, 1024] (got 0): Qwen-Image keeps at most 1024 text "
+        "tokens",
+        "method.reference.ema_decay must be in (0, 1) (got 1.0) for mode ema",
+        "method.apex_v0.consistency_delta must be in (0, 1) (got 0.0)",
+        "data.max_bad_fraction must be in [0, 1] (got 2.0)",
+        "data.read_timeout_seconds must be > 0 (got 0.0)",
+        "parallel.activation_checkpointing must be >= 0 (got -1)",
+        "checkpoint.keep_last must be >= 1 (got 0)",
+        "logging.teacher_guidance_scale must be >= 0 (got -1.0)",
+    ]

@@ -175,6 +175,20 @@ def _losses(summary):
     return [(entry["step"], entry["loss"], entry["keys"]) for entry in summary.history]
 
 
+def _reported_losses(trainer) -> list:
+    """The loss of every report the trainer's metrics logger makes, as it makes them."""
+    reported = []
+    record = trainer.metrics.record
+
+    def recording(step, metrics):
+        report = record(step, metrics)
+        reported.append((step, None if report is None else report.get("loss")))
+        return report
+
+    trainer.metrics.record = recording
+    return reported
+
+
 # --------------------------------------------------------------------------------------------
 # scenarios (run inside the spawned ranks)
 
@@ -307,6 +321,7 @@ def scenario_lora_and_zero2(rank: int, directory: Path) -> dict:
     adapter = next(p for n, p in module.named_parameters() if "lora_B" in n)
     with deepspeed.zero.GatheredParameters([frozen, adapter]):
         frozen_before, adapter_before = frozen.data.clone(), adapter.data.clone()
+    result["lora_reported"] = _reported_losses(trainer)
     summary = trainer.train()
     with deepspeed.zero.GatheredParameters([frozen, adapter]):
         result["lora_base_unchanged"] = torch.equal(frozen.data, frozen_before)
@@ -360,15 +375,46 @@ def scenario_lora_and_zero2(rank: int, directory: Path) -> dict:
         return step_result
 
     trainer.engine.train_step = recording_step
+    result["zero2_reported"] = _reported_losses(trainer)
     try:
         trainer.train()
         result["zero2_stopped"] = None
     except NonFiniteTrainingError as error:
         result["zero2_stopped"] = str(error)
+    result["zero2_losses"] = [(entry["step"], entry["loss"]) for entry in trainer.history]
     result["zero2_applied"] = [applied for applied, _ in snapshots]
     result["zero2_skip_kept_weights"] = torch.equal(snapshots[1][1], snapshots[0][1])
     result["zero2_step_changed_weights"] = not torch.equal(snapshots[2][1], snapshots[1][1])
+    # a run that starts from given weights (as a student from its teacher): the model, and the
+    # optimizer's own copy that the first step starts from, hold them
+    state = {
+        name: value.clone() * 0.5 for name, value in trainer.engine.module.state_dict().items()
+    }
     trainer.close()
+    from apex_dist.distributed.runtime import init_distributed
+    from apex_dist.trainer import Trainer
+
+    config = tiny_config(
+        directory / "initial", "parallel.zero_stage=2", "train.steps=1", "checkpoint.every_steps=0"
+    )
+    trainer = Trainer(config, init_distributed(), TinyLatentStream, initial_state=state)
+    parameters = dict(trainer.engine.module.named_parameters())
+    result["initial_loaded"] = all(torch.equal(parameters[n], state[n]) for n in parameters)
+    trainer.train()
+    result["initial_first_step"] = max(
+        float((parameters[name] - state[name]).abs().max()) for name in parameters
+    )
+    trainer.close()
+    try:
+        Trainer(
+            config,
+            init_distributed(),
+            TinyLatentStream,
+            initial_state={"img_in.weight": torch.zeros(1)},
+        )
+        result["initial_refused"] = None
+    except ValueError as error:
+        result["initial_refused"] = str(error)
     return result
 
 
@@ -450,8 +496,13 @@ def test_killed_during_save_resumes_from_previous_complete_checkpoint(zero3_runs
     assert "allow_config_changes" in result["refused"]
 
 
-def test_lora_zero3_and_zero2_nonfinite_steps(tmp_path):
-    result, other = _spawn("lora_and_zero2", tmp_path)
+@pytest.fixture(scope="module")
+def lora_and_zero2_runs(tmp_path_factory):
+    return _spawn("lora_and_zero2", tmp_path_factory.mktemp("lora_and_zero2"))
+
+
+def test_lora_zero3_and_zero2_nonfinite_steps(lora_and_zero2_runs):
+    result, other = lora_and_zero2_runs
     assert result["lora_base_unchanged"] and result["lora_adapter_trained"]
     assert all(math.isfinite(loss) for _, loss, _ in result["lora_losses"])
     assert result["lora_resumed_at"] == 2
@@ -462,3 +513,31 @@ def test_lora_zero3_and_zero2_nonfinite_steps(tmp_path):
         assert rank_result["zero2_skip_kept_weights"]
         assert rank_result["zero2_step_changed_weights"]
         assert "2 optimizer steps in a row" in rank_result["zero2_stopped"]
+
+
+def test_a_run_starts_from_given_weights(lora_and_zero2_runs):
+    for rank_result in lora_and_zero2_runs:
+        assert rank_result["initial_loaded"]
+        # one AdamW step of lr 5e-4 (warm-up) moves a weight by about 5e-4, from the given state
+        assert 0 < rank_result["initial_first_step"] < 1e-2
+        assert "does not fit" in rank_result["initial_refused"]
+        assert "missing" in rank_result["initial_refused"]
+
+
+def test_logged_losses_are_the_mean_over_ranks(lora_and_zero2_runs):
+    """Every report (logging.every_steps=1) holds the mean of both ranks' losses, the same on
+    both ranks; a step whose loss is nan on one rank reports the finite ones."""
+    result, other = lora_and_zero2_runs
+    assert result["lora_reported"] == other["lora_reported"]
+    ranks = [{step: loss for step, loss, _ in r["lora_losses"]} for r in (result, other)]
+    assert ranks[0] != ranks[1]  # the ranks train on different rows
+    for step, reported in result["lora_reported"]:
+        assert reported == pytest.approx((ranks[0][step] + ranks[1][step]) / 2, rel=1e-6)
+    assert result["zero2_reported"] == other["zero2_reported"]
+    zero2 = [dict(r["zero2_losses"]) for r in (result, other)]
+    assert [math.isnan(zero2[1][step]) for step in (1, 2, 3, 4)] == [False, True, False, True]
+    expected = {
+        step: (zero2[0][step] + zero2[1][step]) / 2 if step in (1, 3) else zero2[0][step]
+        for step in (1, 2, 3, 4)
+    }
+    assert dict(result["zero2_reported"]) == pytest.approx(expected, rel=1e-6)

@@ -5,6 +5,7 @@ import torch
 from conftest import RecordingModel, make_batch
 
 from apex_dist.config import MethodConfig, from_dict
+from apex_dist.data.batch import TrainBatch
 from apex_dist.method import NonFiniteLossError, build_objective, data_estimate, interpolate
 from apex_dist.method.objectives import consistency_target, time_weight
 
@@ -304,11 +305,9 @@ def test_batch_errors_name_the_key():
     batch = make_batch()
     with pytest.raises(KeyError, match="'text_mask'"):
         objective(RecordingModel(), {k: v for k, v in batch.items() if k != "text_mask"})
-    with pytest.raises(ValueError, match=r"batch\['text_mask'\] \(8, 2\)"):
+    with pytest.raises(ValueError, match=r"batch.text_mask \(8, 2\)"):
         objective(RecordingModel(), {**batch, "text_mask": torch.ones(8, 2, dtype=torch.bool)})
-    with pytest.raises(
-        ValueError, match=r"batch\['latents'\] has 4 rows but batch\['text'\] has 8"
-    ):
+    with pytest.raises(ValueError, match=r"batch.latents has 4 rows but batch.text has 8"):
         objective(RecordingModel(), {**batch, "latents": torch.randn(4, 2)})
     with pytest.raises(KeyError, match="data_free"):
         objective(RecordingModel(), {k: v for k, v in batch.items() if k != "latents"})
@@ -338,3 +337,58 @@ def test_non_finite_loss_names_the_term():
     # the check is switchable
     loss, _ = build_objective({"objective": "fm", "check_finite": False})(model, make_batch())
     assert torch.isnan(loss)
+
+
+# ---------------------------------------------------------------------------- the batch type
+
+
+class GridRecordingModel(RecordingModel):
+    """A RecordingModel that takes Qwen-Image's `image_shape` keyword and records it."""
+
+    def __init__(self, **named):
+        super().__init__(**named)
+        self.image_shapes = []
+
+    def forward(self, x_t, t, tt, text, text_mask, fake_rows, image_shape=None):
+        self.image_shapes.append(image_shape)
+        return super().forward(x_t, t, tt, text, text_mask, fake_rows)
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"objective": "fm"},
+        {"objective": "apex", "apex": {"fake_source": "noise"}},
+        {"objective": "apex_v0", "reference": {"mode": "frozen_base"}},
+    ],
+    ids=["fm", "apex", "apex_v0"],
+)
+def test_objectives_read_a_typed_batch_and_give_its_image_shape_to_every_model_call(sections):
+    """The batch's token grid reaches the model and the reference with every call, from a
+    TrainBatch built by hand as from the equivalent dict."""
+    fields = make_batch(rows=8)
+    batch = TrainBatch(**fields, image_shape=(1, 2, 1))
+    losses = []
+    for given in (batch, {**fields, "image_shape": (1, 2, 1)}):
+        model, reference = GridRecordingModel(), GridRecordingModel()
+        torch.manual_seed(0)
+        loss, _ = build_objective(sections)(model, given, reference=reference)
+        losses.append(loss)
+        calls = model.image_shapes + reference.image_shapes
+        assert model.image_shapes and calls == [(1, 2, 1)] * len(calls)
+        if sections["objective"] != "fm":
+            assert reference.image_shapes  # the no-grad passes went to the reference
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_a_data_free_batch_generates_its_latent_shape():
+    batch = TrainBatch(
+        text=torch.randn(8, 3, 4), text_mask=torch.ones(8, 3, dtype=torch.bool), latent_shape=(2,)
+    )
+    assert batch.generated_shape() == (8, 2)
+    model = RecordingModel()
+    config = {"objective": "apex_v0", "guidance": {"ratio": 0.0}, "apex_v0": {"data_free": True}}
+    build_objective(config)(model, batch)
+    assert model.calls[0]["x_t"].shape == (8, 2)
+    with pytest.raises(TypeError, match="TrainBatch or a dict"):
+        build_objective(config)(model, [batch])

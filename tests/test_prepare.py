@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from apex_dist.config import ConfigError, load_config
+from apex_dist.data.batch import TrainBatch
 from apex_dist.data.prepare import BatchPreparer, LatentGeometry, latent_geometry
 from apex_dist.distributed.launcher_watch import LauncherWatch, launcher_ancestors
 
@@ -47,10 +48,52 @@ def test_prompt_only_batches_carry_the_generated_shape_of_their_bucket():
     seen = set()
     for step in range(12):
         batch = preparer(features(4), step=step)
-        frames, height, width = batch["image_shape"]
-        assert frames == 1 and batch["latent_shape"] == (height * width, 16)
-        seen.add(batch["image_shape"])
+        frames, height, width = batch.image_shape
+        assert frames == 1 and batch.latent_shape == (height * width, 16)
+        seen.add(batch.image_shape)
     assert seen == {(1, 4, 4), (1, 2, 8)}  # both buckets are drawn
+
+
+class CountingEncoder:
+    """A text encoder stand-in: one token per word, prompts of over 3 words are cut."""
+
+    max_length = 3
+
+    def encode(self, prompts):
+        self.last_truncated = sum(len(prompt.split()) > self.max_length for prompt in prompts)
+        text = torch.ones(len(prompts), self.max_length, 32)
+        return text, torch.ones(len(prompts), self.max_length, dtype=torch.bool)
+
+
+def test_prompts_become_a_typed_batch_with_their_keys_prompts_and_truncation_count():
+    preparer = BatchPreparer(prompt_config("data.resolution=64"), CPU, rank_seed=0)
+    preparer._text_encoder = CountingEncoder()
+    raw = {
+        "key": ["a", "b", "c"],
+        "prompt": ["a red cube", "two blue balls on grass", "one green cone on top"],
+        "metadata": [{}, {}, {}],
+    }
+    batch = preparer(raw)
+    assert isinstance(batch, TrainBatch)
+    assert batch.keys == ["a", "b", "c"] and batch.prompts == raw["prompt"]
+    assert batch.labels() == raw["prompt"]
+    assert batch.truncated_prompts == 2 and batch.text_dropped == 0
+    assert batch.text.shape == (3, 3, 32) and batch.text.dtype == torch.float32
+    assert batch.latents is None and batch.image_shape == (1, 4, 4)
+    assert batch.latent_shape == (16, 16)
+    assert batch.generated_shape() == (3, 16, 16)
+    # a second batch counts its own prompts only
+    assert preparer({"key": ["d"], "prompt": ["short"]}).truncated_prompts == 0
+
+
+def test_collated_image_shapes_become_one_shape_per_batch():
+    rows = {"text": torch.zeros(2, 1, 4), "text_mask": torch.ones(2, 1, dtype=torch.bool)}
+    batch = TrainBatch.from_dict({**rows, "image_shape": torch.tensor([[1, 2, 3], [1, 2, 3]])})
+    assert batch.image_shape == (1, 2, 3)
+    with pytest.raises(ValueError, match="differs between rows"):
+        TrainBatch.from_dict({**rows, "image_shape": [(1, 2, 3), (1, 3, 2)]})
+    with pytest.raises(KeyError, match="'text_mask'"):
+        TrainBatch.from_dict({"text": rows["text"]})
 
 
 def test_every_rank_draws_the_same_bucket_at_a_step():
@@ -89,17 +132,17 @@ def test_text_dropout_replaces_that_fraction_of_rows_by_the_negative_prompt():
             "neg_text_mask": torch.ones(1, 5, dtype=torch.bool),
         }
         batch = preparer(raw, step=step)
-        rows = (batch["text"] == 7.0).all(dim=(1, 2))
-        assert batch["text"].shape[1] == 5  # padded to the longer of the two
-        assert int(rows.sum()) == batch.get("text_dropped", 0)
+        rows = (batch.text == 7.0).all(dim=(1, 2))
+        assert batch.text.shape[1] == 5  # padded to the longer of the two
+        assert int(rows.sum()) == batch.text_dropped
         dropped += int(rows.sum())
         kept = ~rows
-        assert not batch["text_mask"][kept, 3:].any()  # kept rows: their own 3 tokens
+        assert not batch.text_mask[kept, 3:].any()  # kept rows: their own 3 tokens
     assert 50 <= dropped <= 110  # about half of 160 rows
     validation = preparer(
         {**raw, "neg_text_mask": torch.ones(1, 5, dtype=torch.bool)}, step=0, training=False
     )
-    assert not (validation["text"] == 7.0).all(dim=(1, 2)).any()
+    assert not (validation.text == 7.0).all(dim=(1, 2)).any()
 
 
 def test_prompt_only_data_with_a_method_that_needs_images_is_refused_with_the_fix():

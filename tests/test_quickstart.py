@@ -78,11 +78,17 @@ def test_shipped_teacher_loads_and_its_50_steps_beat_its_1_step(tmp_path):
     assert teacher.img_in.in_features == TOKEN_FEATURES
     batch = quickstart.evaluation_batch(settings)
     adapter = VelocityModelAdapter(teacher, torch.float32)
-    adapter.image_shape = batch["image_shape"]
     noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
     scores = {}
     for steps in (1, 50):
-        packed = sample_euler(adapter, noise, batch["text"], batch["text_mask"], steps=steps)
+        packed = sample_euler(
+            adapter,
+            noise,
+            batch["text"],
+            batch["text_mask"],
+            steps=steps,
+            image_shape=batch["image_shape"],
+        )
         images = PixelCodec().decode(packed, batch["image_shape"])
         assert images.shape == (16, 3, 32, 32) and torch.isfinite(images).all()
         scores[steps] = evaluate_images(images, batch["specs"]).mean

@@ -133,3 +133,18 @@ def test_euler_sampler_with_classifier_free_guidance():
         sample_euler(Conditional(), noise, text, mask, guidance_scale=2.0)
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         sample_euler(Conditional(), noise, text, mask, times=torch.tensor([1.5, 0.0]))
+
+
+def test_samplers_give_the_image_shape_to_every_model_call():
+    shapes = []
+
+    class Grid(torch.nn.Module):
+        def forward(self, x_t, t, tt, text, text_mask, fake_rows, image_shape=None):
+            shapes.append(image_shape)
+            return torch.zeros_like(x_t)
+
+    noise, text, mask = torch.randn(2, 4, 3), torch.zeros(2, 1, 1), torch.ones(2, 1)
+    sample(Grid(), noise, text, mask, nfe=2, image_shape=(1, 2, 2))
+    sample_euler(Grid(), noise, text, mask, steps=3, image_shape=(1, 2, 2))
+    assert shapes == [(1, 2, 2)] * 5
+    sample(PointMass(torch.zeros(2, 3)), torch.randn(2, 3), text, mask)  # no keyword: none given

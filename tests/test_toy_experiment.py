@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from apex_tools import toy_experiment as toy
 
@@ -27,11 +28,11 @@ def quick_run(tmp_path_factory):
     toy.main(
         ["--quick", "--seeds", "1", "--workers", "1", "--out", str(out), "--students", *students]
     )
-    return json.loads((out / "results.json").read_text()), (out / "table.md").read_text()
+    return json.loads((out / "results.json").read_text()), (out / "table.md").read_text(), out
 
 
 def test_students_at_one_step_clearly_beat_the_teacher_at_one_step(quick_run):
-    results, table = quick_run
+    results, table, _ = quick_run
     summary = results["summary"]
     teacher_one_step = summary["teacher 1 step"]["distance"][0]
     teacher_fifty_steps = summary["teacher 50 steps"]["distance"][0]
@@ -46,3 +47,14 @@ def test_students_at_one_step_clearly_beat_the_teacher_at_one_step(quick_run):
 def test_unknown_student_is_refused():
     with pytest.raises(SystemExit):
         toy.main(["--students", "apex_v9"])
+
+
+def test_every_run_is_a_trainer_run_of_the_toy_stream(quick_run):
+    """Teacher and student ran through apex_dist's Trainer: each has its run directory with
+    the resolved config (the toy stream, the student's objective) and its final checkpoint."""
+    _, _, out = quick_run
+    for name, objective in (("teacher", "fm"), ("apex_v0", "apex_v0")):
+        run = out / "runs" / "seed0" / name
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["data"]["kind"] == "toy" and config["method"]["objective"] == objective
+        assert (run / "checkpoints" / "latest").is_file()

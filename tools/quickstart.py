@@ -354,12 +354,13 @@ def stage_evaluate(settings: Settings) -> dict:
     data_score = evaluate_images(images["data"], batch["specs"])
     for name, is_teacher, steps in SAMPLERS:
         adapter = VelocityModelAdapter(models[is_teacher], torch.float32)
-        adapter.image_shape = batch["image_shape"]
+        conditions = (batch["text"], batch["text_mask"])
+        shape = batch["image_shape"]
         started = time.perf_counter()
         if is_teacher:
-            packed = sample_euler(adapter, noise, batch["text"], batch["text_mask"], steps=steps)
+            packed = sample_euler(adapter, noise, *conditions, steps=steps, image_shape=shape)
         else:
-            packed = sample(adapter, noise, batch["text"], batch["text_mask"], nfe=steps)
+            packed = sample(adapter, noise, *conditions, nfe=steps, image_shape=shape)
         seconds = time.perf_counter() - started
         pictures = codec.decode(packed, batch["image_shape"])
         images[name] = pictures

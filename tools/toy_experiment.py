@@ -9,6 +9,11 @@ by the sliced Wasserstein distance to the true class-conditional distributions a
 fraction of samples landing in their own class's region, for the teacher at 50 and 1 Euler
 steps and each student at 1 and 2 NFE.
 
+Every run (teacher or student) is one `apex_dist.trainer.Trainer` run, the loop of real
+training: the 2-D toy stream (apex_dist.data.toy, `data.kind: toy`), ZeRO-2 on a process group
+of one rank per worker process, on the CPU; a student starts from its teacher's weights
+(`initial_state`). The runs' directories (config, final checkpoint) go to OUT/runs.
+
     python tools/toy_experiment.py --out runs/toy    # full table (timings: docs/toy_experiment.md)
     python tools/toy_experiment.py --quick           # the shortened run of the tests
 """
@@ -16,13 +21,14 @@ steps and each student at 1 and 2 NFE.
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 import json
-import math
+import logging
 import multiprocessing
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,111 +36,16 @@ from pathlib import Path
 import torch
 
 from apex_dist.config import Config, apply_overrides, from_dict, to_dict
-from apex_dist.method import build_objective, build_reference, sample, sample_euler
-from apex_dist.models import build_model
+from apex_dist.data.toy import NUM_CLASSES, class_centers, class_embeddings, sample_data
+from apex_dist.method import sample, sample_euler
 
-NUM_CLASSES = 8
-# Class centres lie on a circle of this radius; shapes stay within SHAPE_RADIUS of the centre,
-# so each class's Voronoi cell (its "region") contains its whole shape.
-CENTER_RADIUS = 4.0
-SHAPE_RADIUS = 1.2
-TEXT_DIM = 16
-# Row of the embedding table that plays the negative prompt "Generate an image.".
-NEGATIVE_INDEX = NUM_CLASSES
-EMBEDDING_SEED = 1234
 SLICED_PROJECTIONS = 256
-# Training draws batches from a fixed pool of this many true samples per seed.
-POOL_SIZE = 1 << 17
 # Fraction of teacher batches trained on the negative prompt (what classifier-free guidance needs).
 TEACHER_TEXT_DROPOUT = 0.1
-
-
-def class_centers() -> torch.Tensor:
-    angles = torch.arange(NUM_CLASSES) * (2 * math.pi / NUM_CLASSES)
-    return CENTER_RADIUS * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
-
-
-def _shape_points(label: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Points of one class's shape around the origin, within SHAPE_RADIUS."""
-    uniform = torch.rand(count, generator=generator)
-    normal = torch.randn(count, 2, generator=generator)
-    if label == 0:  # ring
-        angle = 2 * math.pi * uniform
-        points = 0.9 * torch.stack([torch.cos(angle), torch.sin(angle)], 1) + 0.05 * normal
-    elif label == 1:  # round blob
-        points = 0.35 * normal
-    elif label == 2:  # horizontal bar
-        points = torch.stack([2 * uniform - 1, torch.zeros(count)], 1) + 0.05 * normal
-    elif label == 3:  # cross
-        along = 2 * uniform - 1
-        horizontal = torch.rand(count, generator=generator) < 0.5
-        points = (
-            torch.where(
-                horizontal[:, None],
-                torch.stack([along, torch.zeros(count)], 1),
-                torch.stack([torch.zeros(count), along], 1),
-            )
-            + 0.05 * normal
-        )
-    elif label == 4:  # two blobs
-        side = torch.where(torch.rand(count, generator=generator) < 0.5, -0.6, 0.6)
-        points = torch.stack([side, torch.zeros(count)], 1) + 0.15 * normal
-    elif label == 5:  # square outline
-        along = 2 * uniform - 1
-        edge = torch.randint(0, 4, (count,), generator=generator)
-        x = torch.where(edge < 2, along, torch.where(edge == 2, -1.0, 1.0)) * 0.7
-        y = torch.where(edge < 2, torch.where(edge == 0, -1.0, 1.0), along) * 0.7
-        points = torch.stack([x, y], 1) + 0.03 * normal
-    elif label == 6:  # spiral
-        turn = 3 * math.pi * uniform
-        radius = 0.15 + 0.3 * turn / math.pi
-        points = (
-            torch.stack([radius * torch.cos(turn), radius * torch.sin(turn)], 1) + 0.04 * normal
-        )
-    else:  # half-moon arc
-        angle = math.pi * uniform
-        points = torch.stack([torch.cos(angle), torch.sin(angle) - 0.5], 1) + 0.06 * normal
-    return points.clamp(-SHAPE_RADIUS, SHAPE_RADIUS)
-
-
-def sample_data(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """True samples (B, 2) for class labels (B,)."""
-    points = torch.empty(labels.shape[0], 2)
-    for label in range(NUM_CLASSES):
-        chosen = labels == label
-        if chosen.any():
-            points[chosen] = _shape_points(label, int(chosen.sum()), generator)
-    return points + class_centers()[labels]
-
-
-def class_embeddings() -> torch.Tensor:
-    """(NUM_CLASSES + 1, 1, TEXT_DIM): one "text token" per class, and the negative prompt."""
-    generator = torch.Generator().manual_seed(EMBEDDING_SEED)
-    return torch.randn(NUM_CLASSES + 1, 1, TEXT_DIM, generator=generator)
-
-
-class DataPool:
-    """A large fixed draw of (label, point) pairs to train from: drawing a batch is one index."""
-
-    def __init__(self, size: int, generator: torch.Generator):
-        self.labels = torch.randint(0, NUM_CLASSES, (size,), generator=generator)
-        self.points = sample_data(self.labels, generator)
-        self.embeddings = class_embeddings()
-
-    def batch(self, rows: int, generator: torch.Generator, dropout: float = 0.0) -> dict:
-        """A batch in the objectives' format; `dropout` replaces text by the negative prompt."""
-        index = torch.randint(0, self.labels.shape[0], (rows,), generator=generator)
-        text_labels = self.labels[index]
-        if dropout > 0:
-            dropped = torch.rand(rows, generator=generator) < dropout
-            text_labels = torch.where(dropped, NEGATIVE_INDEX, text_labels)
-        return {
-            "latents": self.points[index],
-            "text": self.embeddings[text_labels],
-            "text_mask": torch.ones(rows, 1, dtype=torch.bool),
-            "neg_text": self.embeddings[NEGATIVE_INDEX : NEGATIVE_INDEX + 1],
-            "neg_text_mask": torch.ones(1, 1, dtype=torch.bool),
-        }
+# A student's train.seed is its teacher's plus this (its own model noise and data draws).
+STUDENT_SEED_OFFSET = 100
+# The worker process's rank info (set by `start_worker`, used by every run in that process).
+WORKER: dict = {}
 
 
 def sliced_wasserstein(first: torch.Tensor, second: torch.Tensor, generator) -> float:
@@ -181,14 +92,9 @@ FULL = Settings(
     student_lr=2e-4,
     samples_per_class=1000,
 )
-QUICK = Settings(
-    teacher_steps=1500,
-    teacher_batch_size=128,
-    teacher_lr=1e-3,
-    student_steps=300,
-    student_batch_size=128,
-    student_lr=2e-4,
-    samples_per_class=300,
+# The tests' shortened run: a smaller teacher, fewer student steps, fewer scored samples.
+QUICK = dataclasses.replace(
+    FULL, teacher_steps=1500, teacher_batch_size=128, student_steps=300, samples_per_class=300
 )
 
 # The base configuration of every toy run, and each student's overrides of it.
@@ -199,6 +105,16 @@ BASE_OVERRIDES = [
     "method.loss.kind=l2",
     "method.guidance.ratio=0",
     "train.micro_batch_size=256",
+]
+# How the Trainer runs a toy job: the 2-D toy stream, ZeRO-2 on one rank, nothing written but
+# the final checkpoint, no signal handlers in the pool's workers.
+RUN_OVERRIDES = [
+    "data.kind=toy",
+    "parallel.zero_stage=2",
+    "checkpoint.every_steps=0",
+    "checkpoint.keep_last=1",
+    "checkpoint.save_on_signal=false",
+    "logging.wandb=disabled",
 ]
 STUDENTS = {
     "fm": ["method.objective=fm"],
@@ -224,33 +140,68 @@ STUDENTS = {
 DEFAULT_STUDENTS = [name for name in STUDENTS if name != "apex generator-reading"]
 
 
-def build_config(overrides: list[str], batch_size: int) -> Config:
+def build_config(
+    overrides: list[str],
+    batch_size: int,
+    steps: int = 1,
+    lr: float = 1e-4,
+    seed: int = 0,
+    output_dir: str = "runs/toy",
+    dropout: float = 0.0,
+) -> Config:
+    """The Trainer's config of one toy run: the 2-D toy stream, ZeRO-2 on one rank, one report
+    and one checkpoint at the end."""
     data = apply_overrides(
-        {}, [*BASE_OVERRIDES, f"train.micro_batch_size={batch_size}", *overrides]
+        {},
+        [
+            *BASE_OVERRIDES,
+            *RUN_OVERRIDES,
+            f"train.micro_batch_size={batch_size}",
+            f"train.steps={steps}",
+            f"train.seed={seed}",
+            f"train.output_dir={output_dir}",
+            f"optimizer.lr={lr}",
+            f"data.text_dropout={dropout}",
+            f"logging.every_steps={steps}",
+            *overrides,
+        ],
     )
     return from_dict(Config, data, source="toy experiment")
 
 
-def train(model, config: Config, pool: DataPool, steps: int, lr: float, seed: int, dropout=0.0):
-    """Train `model` in place with the configured objective; returns the final loss."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    objective = build_objective(config.method)
-    reference = build_reference(
-        config.method.reference.mode, model, config.method.reference.ema_decay
+def train(config: Config, initial_state: dict | None = None):
+    """One run of the Trainer in this worker's process group; returns the closed trainer
+    (its module holds the trained weights)."""
+    from apex_dist.trainer import Trainer
+
+    trainer = Trainer(config, WORKER["info"], initial_state=initial_state)
+    trainer.train()
+    trainer.close()
+    return trainer
+
+
+def start_worker(threads: int) -> None:
+    """Pool initializer: `threads` torch threads and a process group of one rank (a free port
+    of its own), shared by every run of this worker."""
+    from apex_dist.distributed.runtime import _free_port, init_distributed
+
+    torch.set_num_threads(threads)
+    os.environ.update(
+        {
+            "CUDA_VISIBLE_DEVICES": "",  # the toy runs on the CPU (its timings are the CPU's)
+            "DS_ACCELERATOR": "cpu",
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "OMP_NUM_THREADS": str(threads),
+        }
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    loss = torch.zeros(())
-    for _ in range(steps):
-        batch = pool.batch(config.train.micro_batch_size, generator, dropout)
-        loss, _ = objective(model, batch, reference)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip)
-        optimizer.step()
-        if reference is not None:
-            reference.update(model)
-    return float(loss.detach())
+    WORKER["info"] = init_distributed()
+    for name in ("apex_dist", "DeepSpeed"):  # one line per run from this tool instead
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def score_samplers(model, samplers: dict, settings: Settings, seed: int) -> dict:
@@ -285,40 +236,38 @@ def student_samplers(name: str) -> dict:
     }
 
 
-def train_teacher(seed: int, settings: Settings, threads: int = 0) -> tuple[dict, dict]:
+def train_teacher(seed: int, settings: Settings, runs: Path) -> tuple[dict, dict]:
     """Pretrain one seed's teacher with `fm`; returns (its state dict, its scores)."""
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    pool = DataPool(POOL_SIZE, torch.Generator().manual_seed(seed))
-    config = build_config(["method.objective=fm"], settings.teacher_batch_size)
-    teacher = build_model(config)
-    started = time.perf_counter()
-    train(
-        teacher,
-        config,
-        pool,
+    config = build_config(
+        ["method.objective=fm"],
+        settings.teacher_batch_size,
         settings.teacher_steps,
         settings.teacher_lr,
         seed,
-        dropout=TEACHER_TEXT_DROPOUT,
+        str(runs / f"seed{seed}" / "teacher"),
+        TEACHER_TEXT_DROPOUT,
     )
+    started = time.perf_counter()
+    teacher = train(config).engine.module
     log(f"seed {seed}: teacher trained in {time.perf_counter() - started:.1f}s")
-    return teacher.state_dict(), score_samplers(teacher, teacher_samplers(), settings, seed)
+    state = {name: value.detach().cpu().clone() for name, value in teacher.state_dict().items()}
+    return state, score_samplers(teacher, teacher_samplers(), settings, seed)
 
 
 def train_student(
-    seed: int, name: str, teacher_state: dict, settings: Settings, threads: int = 0
+    seed: int, name: str, teacher_state: dict, settings: Settings, runs: Path
 ) -> dict:
     """Distil one student from the seed's teacher; returns its scores at 1 and 2 NFE."""
-    if threads:
-        torch.set_num_threads(threads)
-    pool = DataPool(POOL_SIZE, torch.Generator().manual_seed(seed))
-    config = build_config(STUDENTS[name], settings.student_batch_size)
-    student = build_model(config)
-    student.load_state_dict(teacher_state)
+    config = build_config(
+        STUDENTS[name],
+        settings.student_batch_size,
+        settings.student_steps,
+        settings.student_lr,
+        seed + STUDENT_SEED_OFFSET,
+        str(runs / f"seed{seed}" / name.replace(" ", "_")),
+    )
     started = time.perf_counter()
-    train(student, config, pool, settings.student_steps, settings.student_lr, seed + 100)
+    student = train(config, initial_state=teacher_state).engine.module
     results = score_samplers(student, student_samplers(name), settings, seed)
     log(
         f"seed {seed}: {name} trained in {time.perf_counter() - started:.1f}s, 1 NFE distance "
@@ -327,19 +276,15 @@ def train_student(
     return results
 
 
-def run_seeds(seeds: int, settings: Settings, students: list[str], workers: int) -> list[dict]:
+def run_seeds(
+    seeds: int, settings: Settings, students: list[str], workers: int, runs: Path
+) -> list[dict]:
     """Every seed's teacher, then its students, as jobs over `workers` processes of one thread
-    each (in this process when workers is 1); returns one result dict a seed."""
-    if workers <= 1:
-        teachers = [train_teacher(seed, settings) for seed in range(seeds)]
-        results = [dict(scores) for _, scores in teachers]
-        for seed, name in itertools.product(range(seeds), students):
-            results[seed].update(train_student(seed, name, teachers[seed][0], settings))
-        return results
+    and one process group each; returns one result dict a seed."""
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) as processes:
+    with context.Pool(workers, initializer=start_worker, initargs=(1,)) as processes:
         teacher_jobs = [
-            processes.apply_async(train_teacher, (seed, settings, 1)) for seed in range(seeds)
+            processes.apply_async(train_teacher, (seed, settings, runs)) for seed in range(seeds)
         ]
         # A seed's students are queued as soon as its teacher is done, so no worker waits
         # for the last teacher while others could already distil.
@@ -350,7 +295,9 @@ def run_seeds(seeds: int, settings: Settings, students: list[str], workers: int)
             student_jobs += [
                 (
                     seed,
-                    processes.apply_async(train_student, (seed, name, teacher_state, settings, 1)),
+                    processes.apply_async(
+                        train_student, (seed, name, teacher_state, settings, runs)
+                    ),
                 )
                 for name in students
             ]
@@ -424,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = QUICK if arguments.quick else FULL
     started = time.perf_counter()
     workers = min(arguments.workers, arguments.seeds * max(1, len(arguments.students)))
-    per_seed = run_seeds(arguments.seeds, settings, arguments.students, workers)
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = arguments.out / "runs" if arguments.out is not None else Path(scratch)
+        per_seed = run_seeds(arguments.seeds, settings, arguments.students, workers, runs)
     summary = summarise(per_seed)
     table = format_table(summary, arguments.seeds)
     elapsed = time.perf_counter() - started

@@ -2,7 +2,7 @@
 
 A stream yields whatever its shards hold: prompts, prompts with images, precomputed text
 features with or without latents, synthetic scenes, or the 2-D toy's points. `BatchPreparer`
-turns each of them into one layout, the objectives' batch dict:
+turns each of them into one layout, a `TrainBatch` (apex_dist.data.batch):
 
     text (B, S, D), text_mask (B, S)        from the features, or the text encoder on prompts
     latents (B, N, C) and image_shape       from the latents, or the VAE / pixel codec on images
@@ -10,6 +10,8 @@ turns each of them into one layout, the objectives' batch dict:
                                             generates, from data.resolution and aspect_buckets
     neg_text (1, S', D), neg_text_mask      the negative prompt's features, when guidance or
                                             text dropout needs them
+    keys, prompts                           the stream's sample keys and prompts (labels, logs)
+    truncated_prompts, text_dropped         what this batch's preparation counted
 
 Prompt-only batches take their image size from `data.aspect_buckets` (one bucket per
 micro-batch): the bucket of micro-batch m of optimizer step s is drawn from a generator seeded
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor
 
 from apex_dist.config import Config, image_requirement
+from apex_dist.data.batch import TrainBatch
 from apex_dist.data.samples import bucket_sizes
 from apex_dist.models.spec import LatentGeometry, model_spec
 
@@ -74,7 +77,6 @@ class BatchPreparer:
         self._text_encoder = None
         self._codec = None
         self._negative: Optional[tuple[Tensor, Tensor]] = None
-        self.truncated_prompts = 0  # prompts cut at model.text_max_length since the last read
 
     # ---- encoders, built on first use --------------------------------------------------------
 
@@ -134,11 +136,12 @@ class BatchPreparer:
             self._negative = (features.to(self.device).float(), mask.to(self.device))
         return self._negative
 
-    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor, int]:
+        """Features (B, S, D) in float32, mask (B, S), and how many prompts were cut at
+        model.text_max_length."""
         encoder = self.text_encoder()
         text, mask = encoder.encode(list(prompts))
-        self.truncated_prompts += encoder.last_truncated
-        return text.float(), mask
+        return text.float(), mask, int(encoder.last_truncated)
 
     def decode(self, latents: Tensor, image_shape) -> Tensor:
         """Latents (B, N, C) -> images (B, 3, H, W) in [-1, 1] (VAE or pixel codec)."""
@@ -159,34 +162,37 @@ class BatchPreparer:
 
     def __call__(
         self, raw: dict, step: int = 0, micro_batch: int = 0, training: bool = True
-    ) -> dict:
-        """The objective's batch for stream batch `raw` at (step, micro_batch); `training`
-        False (validation) applies no text dropout."""
-        batch = {
-            key: value.to(self.device) if isinstance(value, Tensor) else value
-            for key, value in raw.items()
-        }
-        if "text" not in batch:
-            if "prompt" not in batch:
-                raise KeyError(
-                    f"the stream batch has neither 'text' features nor 'prompt' (keys: "
-                    f"{sorted(batch)}): check data.sample_kind against what the shards hold"
-                )
-            batch["text"], batch["text_mask"] = self.encode_prompts(batch["prompt"])
-        if "latents" not in batch and "image" in batch:
-            latents, image_shape = self.codec().encode(batch["image"].to(self.device))
-            batch["latents"], batch["image_shape"] = latents.float(), image_shape
-        if "latents" not in batch:
+    ) -> TrainBatch:
+        """The TrainBatch of stream batch `raw` at (step, micro_batch) on this preparer's
+        device; `training` False (validation) applies no text dropout."""
+        batch = TrainBatch.from_dict(self._with_text(raw)).to(self.device)
+        if batch.latents is None and "image" in raw:
+            latents, image_shape = self.codec().encode(raw["image"].to(self.device))
+            batch.latents, batch.image_shape = latents.float(), image_shape
+        if batch.latents is None:
             self._check_prompt_only()
             height, width = self.bucket(step, micro_batch)
-            batch["latent_shape"] = self.geometry.latent_shape(height, width)
+            batch.latent_shape = self.geometry.latent_shape(height, width)
             if self.geometry.kind != "points":
-                batch["image_shape"] = self.geometry.image_shape(height, width)
-        if self._needs_negative() and "neg_text" not in batch:
-            batch["neg_text"], batch["neg_text_mask"] = self.negative()
+                batch.image_shape = self.geometry.image_shape(height, width)
+        if self._needs_negative() and batch.neg_text is None:
+            batch.neg_text, batch.neg_text_mask = self.negative()
         if training and self.config.data.text_dropout > 0 and self.config.data.kind != "toy":
             self._drop_text(batch, step, micro_batch)
         return batch
+
+    def _with_text(self, raw: dict) -> dict:
+        """`raw` with text features: its own, or its prompts encoded (and the truncation
+        count)."""
+        if "text" in raw:
+            return raw
+        if "prompt" not in raw:
+            raise KeyError(
+                f"the stream batch has neither 'text' features nor 'prompt' (keys: "
+                f"{sorted(raw)}): check data.sample_kind against what the shards hold"
+            )
+        text, mask, truncated = self.encode_prompts(raw["prompt"])
+        return {**raw, "text": text, "text_mask": mask, "truncated_prompts": truncated}
 
     def _needs_negative(self) -> bool:
         method = self.config.method
@@ -202,23 +208,23 @@ class BatchPreparer:
                 "--images)"
             )
 
-    def _drop_text(self, batch: dict, step: int, micro_batch: int) -> None:
+    def _drop_text(self, batch: TrainBatch, step: int, micro_batch: int) -> None:
         """Replace the text of a data.text_dropout fraction of rows by the negative prompt."""
-        text, mask = batch["text"], batch["text_mask"]
+        text, mask = batch.text, batch.text_mask
         generator = torch.Generator().manual_seed(
             _seed_of(self.rank_seed, "text_dropout", step, micro_batch)
         )
         dropped = torch.rand(text.shape[0], generator=generator) < self.config.data.text_dropout
         if not bool(dropped.any()):
             return
-        negative, negative_mask = batch["neg_text"], batch["neg_text_mask"]
+        negative, negative_mask = batch.neg_text, batch.neg_text_mask
         length = max(text.shape[1], negative.shape[1])
         text, mask = _pad_tokens(text, mask, length)
         negative, negative_mask = _pad_tokens(negative[:1], negative_mask[:1], length)
         rows = dropped.to(text.device)
-        batch["text"] = torch.where(rows[:, None, None], negative.to(text.dtype), text)
-        batch["text_mask"] = torch.where(rows[:, None], negative_mask, mask)
-        batch["text_dropped"] = int(dropped.sum())
+        batch.text = torch.where(rows[:, None, None], negative.to(text.dtype), text)
+        batch.text_mask = torch.where(rows[:, None], negative_mask, mask)
+        batch.text_dropped = int(dropped.sum())
 
 
 def _pad_tokens(text: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:

@@ -568,7 +568,7 @@ class SyntheticStream(GeneratedStream):
 
 
 class ToyStream(GeneratedStream):
-    """The 2-D toy of tools/toy_experiment.py: batches in the objectives' format.
+    """The 2-D toy (apex_dist.data.toy): batches in the objectives' format.
 
     Batch b on rank r is drawn from the toy's data pool with a generator seeded by (seed, r, b).
     """
@@ -576,7 +576,7 @@ class ToyStream(GeneratedStream):
     kind = "toy"
 
     def __init__(self, data_config, rank: int, world_size: int, micro_batch_size: int, seed: int):
-        from apex_tools.toy_experiment import POOL_SIZE, DataPool
+        from apex_dist.data.toy import POOL_SIZE, DataPool
 
         super().__init__(data_config, rank, world_size, micro_batch_size, seed)
         self.pool = DataPool(POOL_SIZE, torch.Generator().manual_seed(seed))

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from apex_dist.config import Config
+from apex_dist.data.batch import TrainBatch, as_train_batch
 from apex_dist.distributed.build import DTYPES, build_training_model
 from apex_dist.distributed.deepspeed_config import build_deepspeed_config, needs_partitioned_shadow
 from apex_dist.distributed.runtime import RankInfo, logger
@@ -65,6 +66,38 @@ def learning_rate_factor(config: Config) -> Callable[[int], float]:
     return factor
 
 
+def load_initial_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Start from `state` instead of the built weights: the state dict of a model built from
+    the same model settings (e.g. a teacher trained in this process, `engine.module`'s). Set
+    before DeepSpeed wraps the model, so the optimizer, the references and the shadows start
+    from it too; under ZeRO-3 one gathered parameter at a time, written by rank 0."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong_shapes = [
+        name
+        for name, tensor in own.items()
+        if name in state
+        and tuple(state[name].shape) != tuple(getattr(tensor, "ds_shape", tensor.shape))
+    ]
+    if missing or unexpected or wrong_shapes:
+        raise ValueError(
+            f"the initial state does not fit {type(model).__name__} (missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}, other shapes {wrong_shapes[:4]}): give the state "
+            "dict of a model built from the same model settings"
+        )
+    partitioned = any(hasattr(tensor, "ds_id") for tensor in own.values())
+    for name, tensor in own.items():
+        if partitioned:
+            from apex_dist.distributed.zero_loading import zero3_parameter_context
+
+            scope = zero3_parameter_context(tensor)
+        else:
+            scope = contextlib.nullcontext(True)
+        with scope as writes, torch.no_grad():
+            if writes:
+                tensor.data.copy_(state[name].to(tensor.device, tensor.dtype))
+
+
 # --------------------------------------------------------------------------------------------
 # calling the model
 
@@ -72,10 +105,11 @@ def learning_rate_factor(config: Config) -> Callable[[int], float]:
 class VelocityModelAdapter:
     """The velocity-model interface over the training module.
 
-    Casts floating inputs to the model's compute dtype, passes the batch's `image_shape`
-    (Qwen-Image's keyword) and returns float32. `forward` is the DeepSpeed engine for the
-    student (its forward hooks drive ZeRO's backward) or the bare module for references;
-    `context` wraps every call (adapters switched off, shadow weights swapped in).
+    Casts floating inputs to the model's compute dtype, passes `image_shape` (Qwen-Image's
+    keyword; the objectives and samplers give the batch's) when one is given, and returns
+    float32. `forward` is the DeepSpeed engine for the student (its forward hooks drive ZeRO's
+    backward) or the bare module for references; `context` wraps every call (adapters switched
+    off, shadow weights swapped in).
     """
 
     def __init__(
@@ -87,10 +121,11 @@ class VelocityModelAdapter:
         self.forward = forward
         self.dtype = dtype
         self.context = context
-        self.image_shape: Optional[tuple[int, int, int]] = None
 
-    def __call__(self, x_t, t, target_time, text, text_mask, fake_rows=None) -> Tensor:
-        named = {} if self.image_shape is None else {"image_shape": self.image_shape}
+    def __call__(
+        self, x_t, t, target_time, text, text_mask, fake_rows=None, image_shape=None
+    ) -> Tensor:
+        named = {} if image_shape is None else {"image_shape": image_shape}
         scope = self.context() if self.context is not None else contextlib.nullcontext()
         with scope:
             velocity = self.forward(
@@ -105,23 +140,6 @@ class VelocityModelAdapter:
         return velocity.float()
 
 
-def _image_shape(batch: dict) -> Optional[tuple[int, int, int]]:
-    shape = batch.get("image_shape")
-    if shape is None:
-        return None
-    if isinstance(shape, Tensor):
-        shape = shape.tolist()
-    if shape and isinstance(shape[0], (list, tuple)):  # one per row: all rows share it
-        first = tuple(int(size) for size in shape[0])
-        if any(tuple(int(size) for size in row) != first for row in shape):
-            raise ValueError(
-                f"batch['image_shape'] differs between rows ({shape}); a micro-batch must hold "
-                "one image size (use aspect-ratio buckets)"
-            )
-        return first
-    return tuple(int(size) for size in shape)
-
-
 # --------------------------------------------------------------------------------------------
 # the engine
 
@@ -132,20 +150,23 @@ class StepResult:
 
     metrics: dict[str, float] = field(default_factory=dict)
     applied: bool = True
-    nonfinite_ranks_local: bool = False
     flops: Optional[float] = None
 
 
 class TrainingEngine:
     """DeepSpeed engine, objective, reference and shadow weights of one run (module doc)."""
 
-    def __init__(self, config: Config, info: RankInfo):
+    def __init__(
+        self, config: Config, info: RankInfo, initial_state: Optional[dict[str, Tensor]] = None
+    ):
         self.config = config
         self.info = info
         self.deepspeed_config = build_deepspeed_config(config, info.world_size)
         self.compute_dtype = DTYPES[config.model.dtype]
         self.lora = config.model.lora.enabled
         model = build_training_model(config, info, self.deepspeed_config)
+        if initial_state is not None:
+            load_initial_state(model, initial_state)
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters; check model.lora")
@@ -254,13 +275,7 @@ class TrainingEngine:
 
     # ---- one optimizer step ---------------------------------------------------------------
 
-    def _to_device(self, batch: dict) -> dict:
-        return {
-            key: value.to(self.info.device) if isinstance(value, Tensor) else value
-            for key, value in batch.items()
-        }
-
-    def train_step(self, micro_batches: list[dict], count_flops: bool = False) -> StepResult:
+    def train_step(self, micro_batches: list[TrainBatch], count_flops: bool = False) -> StepResult:
         """Objective, backward and DeepSpeed step over `gradient_accumulation_steps`
         micro-batches; then the EMA update when the step was applied."""
         expected = self.config.train.gradient_accumulation_steps
@@ -270,7 +285,6 @@ class TrainingEngine:
                 f"train.gradient_accumulation_steps is {expected}"
             )
         sums: dict[str, float] = {}
-        local_nonfinite = False
         counter = None
         if count_flops:
             from torch.utils.flop_counter import FlopCounterMode
@@ -278,11 +292,7 @@ class TrainingEngine:
             counter = FlopCounterMode(display=False)
         with counter if counter is not None else contextlib.nullcontext():
             for batch in micro_batches:
-                batch = self._to_device(batch)
-                shape = _image_shape(batch)
-                self.student.image_shape = shape
-                if self.reference is not None:
-                    self.reference.image_shape = shape
+                batch = as_train_batch(batch).to(self.info.device)
                 loss, terms = self.objective(self.student, batch, self.reference)
                 values = torch.stack(
                     [value.detach().float().reshape(()) for value in terms.values()]
@@ -290,7 +300,6 @@ class TrainingEngine:
                 numbers = values.tolist()  # one host sync per micro-batch
                 finite = all(math.isfinite(number) for number in numbers)
                 if not finite:
-                    local_nonfinite = True
                     bad = {
                         name: number
                         for name, number in zip(terms, numbers, strict=True)
@@ -318,7 +327,7 @@ class TrainingEngine:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["skipped"] = 0.0 if applied else 1.0
-        result = StepResult(metrics, applied, local_nonfinite)
+        result = StepResult(metrics, applied)
         if counter is not None:
             result.flops = float(counter.get_total_flops())
         limit = self.config.train.max_nonfinite_steps

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
@@ -46,9 +45,3 @@ def build_loss(kind: str, robust_scale: float = 1e-3) -> LossFunction:
 
 def clamp_symmetric(values: Tensor, bound: float) -> Tensor:
     return values.clamp(-bound, bound)
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of the rows selected by a boolean mask; 0 when none is selected."""
-    count = mask.sum()
-    return torch.where(count > 0, (values * mask).sum() / count.clamp(min=1), values.new_zeros(()))

@@ -1,24 +1,28 @@
 """Training objectives: `fm`, `apex` (the paper) and `apex_v0` (the released code).
 
 Each objective is called as ``loss, metrics = objective(model, batch, reference=None)`` where
+`batch` is a `TrainBatch` (apex_dist.data.batch; a dict with its field names is accepted too),
 `model` follows the velocity-model interface ``model(x_t, t, tt, text, text_mask, fake_rows)``
-and `reference` (None: the model itself) serves the no-grad auxiliary passes. Objectives are
-pure tensor code: they never step an optimizer and never touch DeepSpeed. Loss arithmetic is
-done in float32 whatever the model's dtype. Equation numbers are the paper's
+(plus ``image_shape=batch.image_shape`` when the batch has one) and `reference` (None: the
+model itself) serves the no-grad auxiliary passes. Objectives are pure tensor code: they never
+step an optimizer and never touch DeepSpeed. Loss arithmetic is done in float32 whatever the
+model's dtype. Equation numbers are the paper's
 (arXiv 2604.12322); section numbers refer to ../shared/design/method.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from apex_dist.config import ApexConfig, ApexV0Config, MethodConfig
+from apex_dist.data.batch import ImageShape, TrainBatch, as_train_batch
 from apex_dist.method.flow import (
     check_times,
     data_estimate,
@@ -31,6 +35,8 @@ from apex_dist.method.flow import (
 from apex_dist.method.losses import build_loss, clamp_symmetric
 
 VelocityModel = Callable[..., Tensor]
+# What an objective accepts as a batch: a TrainBatch, or a dict with its field names.
+BatchLike = Union[TrainBatch, Mapping[str, Any]]
 
 # apex_v0 splits every micro-batch into four equal roles, in this order.
 ROLES = ("e2e", "mul", "any", "adv")
@@ -53,51 +59,30 @@ class NonFiniteLossError(FloatingPointError):
         )
 
 
-@dataclass
-class ConditionedBatch:
-    """A validated batch in float32: latents (B, ...) or None, text (B, S, D), text_mask (B, S)."""
-
-    latents: Optional[Tensor]
-    text: Tensor
-    text_mask: Tensor
-    neg_text: Optional[Tensor]
-    neg_text_mask: Optional[Tensor]
-
-    @property
-    def rows(self) -> int:
-        return self.text.shape[0]
-
-
-def prepare_batch(batch: dict, needs_latents: bool, needs_negative: bool) -> ConditionedBatch:
-    """Check keys and shapes of a batch dict; expand a single negative prompt to every row."""
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of tensors (got {type(batch).__name__})")
-    for key in ("text", "text_mask"):
-        if key not in batch:
-            raise KeyError(f"batch is missing {key!r} (keys present: {sorted(batch)})")
-    text, text_mask = batch["text"], batch["text_mask"]
+def check_batch(batch: BatchLike, needs_latents: bool, needs_negative: bool) -> TrainBatch:
+    """Check the fields and shapes of a batch (a TrainBatch or a dict with its field names);
+    return it with float32 latents, a boolean mask and the negative prompt expanded to every
+    row."""
+    batch = as_train_batch(batch)
+    text, text_mask = batch.text, batch.text_mask
     if text.dim() != 3:
-        raise ValueError(
-            f"batch['text'] must be (batch, tokens, features), got {tuple(text.shape)}"
-        )
+        raise ValueError(f"batch.text must be (batch, tokens, features), got {tuple(text.shape)}")
     if tuple(text_mask.shape) != tuple(text.shape[:2]):
         raise ValueError(
-            f"batch['text_mask'] {tuple(text_mask.shape)} must match batch['text'] "
+            f"batch.text_mask {tuple(text_mask.shape)} must match batch.text "
             f"{tuple(text.shape)} in its first two dimensions"
         )
-    rows = text.shape[0]
-    latents = batch.get("latents")
-    if needs_latents:
-        if latents is None:
-            raise KeyError(
-                "batch is missing 'latents'; prompt-only data needs method.apex_v0.data_free=true"
-            )
+    rows = batch.rows
+    latents = batch.latents
+    if needs_latents and latents is None:
+        raise KeyError(
+            "batch is missing 'latents'; prompt-only data needs method.apex_v0.data_free=true"
+        )
+    if latents is not None:
         if latents.shape[0] != rows:
-            raise ValueError(
-                f"batch['latents'] has {latents.shape[0]} rows but batch['text'] has {rows}"
-            )
+            raise ValueError(f"batch.latents has {latents.shape[0]} rows but batch.text has {rows}")
         latents = latents.float()
-    neg_text, neg_text_mask = batch.get("neg_text"), batch.get("neg_text_mask")
+    neg_text, neg_text_mask = batch.neg_text, batch.neg_text_mask
     if needs_negative:
         if neg_text is None or neg_text_mask is None:
             raise KeyError(
@@ -110,17 +95,31 @@ def prepare_batch(batch: dict, needs_latents: bool, needs_negative: bool) -> Con
             or neg_text.shape[2] != text.shape[2]
         ):
             raise ValueError(
-                f"batch['neg_text'] {tuple(neg_text.shape)} must be (1 or {rows}, tokens, "
+                f"batch.neg_text {tuple(neg_text.shape)} must be (1 or {rows}, tokens, "
                 f"{text.shape[2]})"
             )
         if tuple(neg_text_mask.shape) != tuple(neg_text.shape[:2]):
             raise ValueError(
-                f"batch['neg_text_mask'] {tuple(neg_text_mask.shape)} must match "
-                f"batch['neg_text'] {tuple(neg_text.shape)} in its first two dimensions"
+                f"batch.neg_text_mask {tuple(neg_text_mask.shape)} must match batch.neg_text "
+                f"{tuple(neg_text.shape)} in its first two dimensions"
             )
         neg_text = neg_text.expand(rows, -1, -1)
         neg_text_mask = neg_text_mask.expand(rows, -1)
-    return ConditionedBatch(latents, text, text_mask.bool(), neg_text, neg_text_mask)
+    return dataclasses.replace(
+        batch,
+        latents=latents,
+        text_mask=text_mask.bool(),
+        neg_text=neg_text,
+        neg_text_mask=neg_text_mask,
+    )
+
+
+def with_image_shape(model: VelocityModel, image_shape: Optional[ImageShape]) -> VelocityModel:
+    """`model` with the batch's token grid passed as ``image_shape=`` to every call; the model
+    itself when the batch has none (models without images need not accept the keyword)."""
+    if image_shape is None:
+        return model
+    return functools.partial(model, image_shape=tuple(image_shape))
 
 
 def predict(
@@ -151,19 +150,9 @@ def one_step_sample(model: VelocityModel, noise: Tensor, text: Tensor, text_mask
     return noise - predict(model, noise, ones, torch.zeros_like(ones), text, text_mask)
 
 
-def noise_like(batch: dict, data: ConditionedBatch) -> Tensor:
-    """A template for the data shape in data-free mode: batch['latent_shape'] or latents."""
-    if data.latents is not None:
-        return data.latents
-    if batch.get("latents") is not None:
-        return batch["latents"].float()
-    shape = batch.get("latent_shape")
-    if shape is None:
-        raise KeyError(
-            "data-free mode needs batch['latent_shape'] (the shape of one row's latents) "
-            "or batch['latents'] to know what to generate"
-        )
-    return data.text.new_empty((data.rows, *shape), dtype=torch.float32)
+def generation_noise(batch: TrainBatch) -> Tensor:
+    """Gaussian noise of the data's shape (data-free mode: `batch.latent_shape` per row)."""
+    return torch.randn(batch.generated_shape(), device=batch.text.device)
 
 
 def check_finite(objective: str, terms: dict[str, Tensor]) -> None:
@@ -179,7 +168,13 @@ def check_finite(objective: str, terms: dict[str, Tensor]) -> None:
 
 
 class Objective:
-    """Common state: the method config, the per-row loss and the time sampler."""
+    """Common state and the call of every objective.
+
+    ``objective(model, batch, reference=None)`` checks the batch (`check_batch`, with what
+    `needs_latents` and `needs_negative` say), binds the batch's `image_shape` to the model
+    and the reference, runs `compute` and checks the terms (`finish`). A new objective
+    subclasses this and implements `compute` (docs/architecture.md, "Adding an objective").
+    """
 
     name = "objective"
 
@@ -197,7 +192,28 @@ class Objective:
             check_finite(self.name, metrics)
         return loss, metrics
 
-    def __call__(self, model, batch: dict, reference=None) -> tuple[Tensor, dict[str, Tensor]]:
+    def needs_latents(self) -> bool:
+        """Whether the batch must hold latents (False: prompt-only data is enough)."""
+        return True
+
+    def needs_negative(self) -> bool:
+        """Whether the batch must hold the negative prompt's features."""
+        return False
+
+    def __call__(
+        self, model: VelocityModel, batch: BatchLike, reference: Optional[VelocityModel] = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, metrics) of one batch; `reference` None means the model itself."""
+        batch = check_batch(batch, self.needs_latents(), self.needs_negative())
+        model = with_image_shape(model, batch.image_shape)
+        reference = model if reference is None else with_image_shape(reference, batch.image_shape)
+        loss, terms = self.compute(model, batch, reference)
+        return self.finish(loss, terms)
+
+    def compute(
+        self, model: VelocityModel, batch: TrainBatch, reference: VelocityModel
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss with gradient and its named scalar terms, from a checked batch."""
         raise NotImplementedError
 
 
@@ -209,15 +225,14 @@ class FlowMatching(Objective):
 
     name = "fm"
 
-    def __call__(self, model, batch, reference=None):
-        data = prepare_batch(batch, needs_latents=True, needs_negative=False)
-        x = data.latents
-        t = self.sample_time(data.rows, x.device)
+    def compute(self, model, batch, reference):
+        x = batch.latents
+        t = self.sample_time(batch.rows, x.device)
         noise = torch.randn_like(x)
         x_t = interpolate(x, noise, t)
-        velocity = predict(model, x_t, t, t, data.text, data.text_mask)
+        velocity = predict(model, x_t, t, t, batch.text, batch.text_mask)
         loss = self.loss(velocity, velocity_target(x, noise)).mean()
-        return self.finish(loss, {"loss_fm": loss})
+        return loss, {"loss_fm": loss}
 
 
 class Apex(Objective):
@@ -252,16 +267,17 @@ class Apex(Objective):
             return (1 - t) / t.clamp(min=MIN_TIME_FOR_WEIGHT)
         return torch.ones_like(t)
 
-    def __call__(self, model, batch, reference=None):
-        reference = model if reference is None else reference
+    def needs_latents(self) -> bool:
+        return not self.options.data_free
+
+    def compute(self, model, batch, reference):
         options = self.options
-        data = prepare_batch(batch, needs_latents=not options.data_free, needs_negative=False)
-        text, text_mask = data.text, data.text_mask
+        text, text_mask = batch.text, batch.text_mask
         if options.data_free:  # prompt-only data: the model's own one-step samples stand in
-            x = one_step_sample(model, torch.randn_like(noise_like(batch, data)), text, text_mask)
+            x = one_step_sample(model, generation_noise(batch), text, text_mask)
         else:
-            x = data.latents
-        rows = data.rows
+            x = batch.latents
+        rows = batch.rows
         real_rows = torch.zeros(rows, dtype=torch.bool, device=x.device)
         all_fake = ~real_rows
 
@@ -319,15 +335,12 @@ class Apex(Objective):
         with torch.no_grad():
             loss_supervised = self.loss(x_prediction, x).mean()
             loss_consistency = self.loss(x_fake, consistency_goal).mean()
-        return self.finish(
-            loss,
-            {
-                "loss_fake": loss_fake,
-                "loss_mix": loss_mix,
-                "loss_supervised": loss_supervised,
-                "loss_consistency": loss_consistency,
-            },
-        )
+        return loss, {
+            "loss_fake": loss_fake,
+            "loss_mix": loss_mix,
+            "loss_supervised": loss_supervised,
+            "loss_consistency": loss_consistency,
+        }
 
 
 def time_weight(t: Tensor, target_time: Tensor) -> Tensor:
@@ -400,13 +413,15 @@ class ApexV0(Objective):
             sign[rows] = -1.0
         return sign, fake_rows
 
-    def __call__(self, model, batch, reference=None):
-        reference = model if reference is None else reference
+    def needs_latents(self) -> bool:
+        return not self.options.data_free
+
+    def needs_negative(self) -> bool:
+        return self.config.guidance.ratio > 0
+
+    def compute(self, model, batch, reference):
         options, guidance = self.options, self.config.guidance
-        data = prepare_batch(
-            batch, needs_latents=not options.data_free, needs_negative=guidance.ratio > 0
-        )
-        text, text_mask, rows = data.text, data.text_mask, data.rows
+        text, text_mask, rows = batch.text, batch.text_mask, batch.rows
         if rows % len(ROLES):
             raise ValueError(
                 f"objective apex_v0 needs a micro-batch that is a multiple of 4 (got {rows}): "
@@ -430,10 +445,10 @@ class ApexV0(Objective):
         # 2. data: real latents, or the model's own one-step samples (data-free); adv rows always
         #    hold one-step samples and form the fake branch.
         if options.data_free:
-            x = one_step_sample(model, torch.randn_like(noise_like(batch, data)), text, text_mask)
+            x = one_step_sample(model, generation_noise(batch), text, text_mask)
             nograd_rows += rows
         else:
-            x = data.latents.clone()
+            x = batch.latents.clone()
             x[adv] = one_step_sample(model, torch.randn_like(x[adv]), text[adv], text_mask[adv])
             nograd_rows += quarter
         sign, fake_rows = self.fake_inputs(t, adv, rows)
@@ -456,8 +471,8 @@ class ApexV0(Objective):
                     x_t[guided],
                     t[guided],
                     t[guided],
-                    data.neg_text[guided],
-                    data.neg_text_mask[guided],
+                    batch.neg_text[guided],
+                    batch.neg_text_mask[guided],
                 )
                 nograd_rows += 4 * quarter
                 if options.data_free and self.frozen_reference:
@@ -523,7 +538,7 @@ class ApexV0(Objective):
         }
         terms["loss_distribution"] = loss_distribution
         terms["nograd_batch_equivalents"] = torch.tensor(nograd_rows / rows)
-        return self.finish(loss, terms)
+        return loss, terms
 
 
 OBJECTIVES = {"fm": FlowMatching, "apex": Apex, "apex_v0": ApexV0}
@@ -549,8 +564,9 @@ __all__ = [
     "NonFiniteLossError",
     "Objective",
     "build_objective",
+    "check_batch",
     "check_times",
     "consistency_target",
-    "prepare_batch",
     "time_weight",
+    "with_image_shape",
 ]

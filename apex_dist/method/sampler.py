@@ -13,7 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from apex_dist.data.batch import ImageShape
 from apex_dist.method.flow import check_times, data_estimate, noise_estimate, per_row
+from apex_dist.method.objectives import with_image_shape
 
 # First grid time: sampling starts just below pure noise (released code).
 GRID_START_OFFSET = 0.001
@@ -51,6 +53,7 @@ def sample(
     stochastic_ratio: float = 1.0,
     gap: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
+    image_shape: Optional[ImageShape] = None,
 ) -> Tensor:
     """Few-step (1, 2, 4, ... NFE) sampling of a distilled model, without CFG.
 
@@ -62,10 +65,13 @@ def sample(
         stochastic_ratio: s, the share of fresh noise when re-noising (1: all fresh).
         gap: last noise level g of the grid (default per nfe: 2 -> 0.6, 4 -> 0.5).
         generator: random generator for the fresh noise.
+        image_shape: (frames, h, w) token grid passed to every model call (Qwen-Image); None
+            for models without images.
     """
     if not 0 <= stochastic_ratio <= 1:
         raise ValueError(f"stochastic_ratio must be in [0, 1] (got {stochastic_ratio})")
     grid = timestep_grid(nfe, gap)
+    model = with_image_shape(model, image_shape)
     fake_rows = torch.zeros(noise.shape[0], dtype=torch.bool, device=noise.device)
     x = noise.float()
     for time, next_time in itertools.pairwise(grid):
@@ -92,11 +98,13 @@ def sample_euler(
     neg_text: Optional[Tensor] = None,
     neg_text_mask: Optional[Tensor] = None,
     times: Optional[Tensor] = None,
+    image_shape: Optional[ImageShape] = None,
 ) -> Tensor:
     """The teacher's ordinary Euler sampler from t = 1 to 0, with classifier-free guidance.
 
     F = F(x, t, t, c_neg) + g * (F(x, t, t, c) - F(x, t, t, c_neg)) when g != 1 (needs
     neg_text, the negative prompt's embedding, (1 or B, S', D)); x <- x - (t_i - t_{i+1}) * F.
+    `image_shape` is passed to every model call, as in `sample`.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1 (got {steps})")
@@ -106,6 +114,7 @@ def sample_euler(
     guided = guidance_scale != 1.0
     if guided and (neg_text is None or neg_text_mask is None):
         raise ValueError("guidance_scale != 1 needs neg_text and neg_text_mask")
+    model = with_image_shape(model, image_shape)
     rows = noise.shape[0]
     fake_rows = torch.zeros(rows, dtype=torch.bool, device=noise.device)
     if guided:
