@@ -466,3 +466,79 @@ def test_tool_scores_a_folder_from_metadata_or_png_chunks(snapshots, tmp_path, c
     Image.new("RGB", (8, 8)).save(chunked / "2.png")  # no prompt chunk
     code, _, err = run_tool(["score", chunked, *model_options(snapshots)], capsys)
     assert code == 1 and "2.png has no 'prompt' text chunk" in err
+
+
+class StubGenerator:
+    """Solid images whose grey level encodes the seed; records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, seeds):
+        self.calls.append((list(prompts), list(seeds)))
+        return [Image.new("RGB", (40, 48), (seed % 256,) * 3) for seed in seeds]
+
+
+def test_tool_generates_through_the_generator_interface_then_scores(
+    snapshots, tmp_path, capsys, monkeypatch
+):
+    from apex_tools import eval as eval_tool
+
+    stub = StubGenerator()
+    received = []
+
+    def build(arguments):
+        received.append(arguments)
+        return stub
+
+    monkeypatch.setattr(eval_tool, "build_generator", build)
+    prompts = tmp_path / "prompts.jsonl"
+    specs = [single_object("cup"), counting("cup", 2), single_object("dog")]
+    write_prompt_set(specs, prompts)
+    out = tmp_path / "run"
+    command = ["generate", "--out", out, "--prompts", prompts, "--images-per-prompt", "2"]
+    command += ["--image-seed", "100", "--batch-size", "4", *model_options(snapshots)]
+    command += ["--", "--source", "runs/student", "--nfe", "1"]
+    code, _, err = run_tool(command, capsys)
+    assert code == 0, err
+    assert received == [["--source", "runs/student", "--nfe", "1"]]
+    # 6 images in batches of 4 then 2, each with its own seed
+    assert [seeds for _, seeds in stub.calls] == [[100, 101, 102, 103], [104, 105]]
+    assert stub.calls[0][0] == [specs[0].prompt] * 2 + [specs[1].prompt] * 2
+    with Image.open(out / "images" / "00001_1.png") as image:
+        assert image.text["prompt"] == "a photo of two cups" and image.text["seed"] == "103"
+        assert json.loads(image.text["evaluation"]) == specs[1].to_json()
+        assert image.getpixel((0, 0)) == (103, 103, 103)
+    lines = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [(line["file"], line["seed"], line["tag"]) for line in lines][:2] == [
+        ("images/00000_0.png", 100, "single_object"),
+        ("images/00000_1.png", 101, "single_object"),
+    ]
+    report = json.loads((out / "results.json").read_text())
+    verdicts = [image["correct"] for image in report["images"]]
+    assert verdicts == [True, True, False, False, False, False]
+    assert "| Single object | 4 | 2 | 0.500 |" in (out / "results.md").read_text()
+    # an interrupted run continues: only the missing image is generated again
+    (out / "images" / "00002_1.png").unlink()
+    code, _, err = run_tool(command, capsys)
+    assert code == 0, err
+    assert [seeds for _, seeds in stub.calls][2:] == [[105]]
+
+
+def test_generate_mode_without_the_generate_api_says_what_to_do(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def refuse_generate(name, globals=None, locals=None, fromlist=(), level=0):  # noqa: A002
+        if name == "apex_dist" and fromlist and "generate" in fromlist:
+            raise ImportError("cannot import name 'generate' from 'apex_dist'")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", refuse_generate)
+    code, _, err = run_tool(
+        ["generate", "--out", tmp_path, "--clip", tmp_path, "--per-task", "1", "--", "--nfe", "1"],
+        capsys,
+    )
+    assert code == 1
+    assert "needs apex_dist.generate" in err and "apex-eval score" in err
