@@ -85,9 +85,9 @@ class ClipModel:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> ClipModel:
+        check_snapshot(path, "the CLIP model", CLIP_MODEL_TYPES, CLIP_EXAMPLE)
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
-        check_snapshot(path, "the CLIP model", CLIP_MODEL_TYPES, CLIP_EXAMPLE)
         model = CLIPModel.from_pretrained(str(path), dtype=dtype, **loading_arguments())
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         processor = CLIPImageProcessorPil.from_pretrained(str(path), local_files_only=True)

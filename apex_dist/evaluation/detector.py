@@ -108,10 +108,10 @@ class InstanceDetector:
         longest_edge: int = LONGEST_EDGE,
     ) -> InstanceDetector:
         """Load a Mask2Former COCO instance snapshot folder (fp32, as GenEval runs it)."""
-        from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil
-
         config = check_snapshot(path, "the detector", DETECTOR_MODEL_TYPES, DETECTOR_EXAMPLE)
         class_names = class_names_of(config.get("id2label", {}), str(path))
+        from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil
+
         model = Mask2FormerForUniversalSegmentation.from_pretrained(
             str(path), dtype=torch.float32, **loading_arguments()
         )
