@@ -733,13 +733,42 @@ class LoggingConfig:
         0.0,
         "peak dense TFLOP/s of one device for MFU; 0 looks the device up (H100/H200/A100 bf16)",
     )
+    eval_every_steps: int = option(
+        0,
+        "score the student at 1 NFE with GenEval-style rules and CLIP score every N steps and at "
+        "step 0 (apex_dist.evaluation; docs/evaluation.md); 0 never",
+    )
+    eval_prompt_count: int = option(
+        60, "prompts of the fixed evaluation subset (taken round-robin over GenEval's six tasks)"
+    )
+    eval_clip: Optional[str] = option(
+        None,
+        "local snapshot folder of the CLIP model (openai/clip-vit-large-patch14); needed by "
+        "eval_every_steps",
+    )
+    eval_detector: Optional[str] = option(
+        None,
+        "local snapshot folder of the COCO instance detector "
+        "(facebook/mask2former-swin-small-coco-instance); null scores CLIP score only",
+    )
 
     def validate(self, path: str) -> list[str]:
         problems = []
-        for name in ("every_steps", "sample_count", "teacher_steps"):
+        for name in ("every_steps", "sample_count", "teacher_steps", "eval_prompt_count"):
             problems += at_least(path, name, getattr(self, name), 1)
-        for name in ("sample_every_steps", "peak_tflops", "teacher_guidance_scale"):
+        for name in (
+            "sample_every_steps",
+            "peak_tflops",
+            "teacher_guidance_scale",
+            "eval_every_steps",
+        ):
             problems += at_least(path, name, getattr(self, name), 0)
+        if self.eval_every_steps and not self.eval_clip:
+            problems.append(
+                f"{path}.eval_every_steps={self.eval_every_steps} needs {path}.eval_clip, the "
+                "local snapshot folder of a CLIP model (docs/evaluation.md), or set "
+                "eval_every_steps=0"
+            )
         return problems
 
 
@@ -764,6 +793,11 @@ class Config:
             requirement = image_requirement(self.method)
             if requirement is not None:
                 problems.append(f"data.sample_kind=prompt has no images, but {requirement}")
+        if self.logging.eval_every_steps and self.model.preset == "toy-mlp":
+            problems.append(
+                "logging.eval_every_steps needs a model that generates images; model.preset "
+                "toy-mlp generates 2-D points: set logging.eval_every_steps=0"
+            )
         if self.method.objective == "apex_v0" and self.train.micro_batch_size % 4:
             problems.append(
                 "train.micro_batch_size must be a multiple of 4 for objective apex_v0 "

@@ -266,6 +266,13 @@ class MetricsLogger:
             logged["samples/grid"] = wandb.Image(str(grid), caption=" | ".join(captions))
         self.run.log(logged, step=step)
 
+    def log_values(self, step: int, values: dict[str, float]) -> None:
+        """Log named scalars (evaluation scores) to wandb at `step` (rank 0; finite values)."""
+        if self.run is not None:
+            self.run.log(
+                {name: value for name, value in values.items() if math.isfinite(value)}, step=step
+            )
+
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()

@@ -40,6 +40,7 @@ from apex_dist.distributed.runtime import (
     logger,
 )
 from apex_dist.distributed.watchdog import Watchdog
+from apex_dist.evaluation.training import PeriodicEvaluation
 from apex_dist.metrics import MetricsLogger, quiet_library_output, resolve_run_id
 from apex_dist.validation import ValidationGrid
 
@@ -124,6 +125,7 @@ class Trainer:
             config, self.info.rank, self.info.world_size, self.info.device, run_id=self.run_id
         )
         self.validation = ValidationGrid(self, fresh=resume_from is None)
+        self.evaluation = PeriodicEvaluation.for_trainer(self)  # logging.eval_every_steps
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Optional[Path] = None
@@ -164,6 +166,8 @@ class Trainer:
         try:
             if config.logging.sample_every_steps and self.step == 0:
                 self.validation.write(self.step)
+            if self.evaluation is not None and self.step == 0:
+                self.evaluation.run(self.step)
             self.metrics.start()
             while self.step < config.train.steps:
                 raw = self.next_batches()
@@ -194,6 +198,8 @@ class Trainer:
                 every = config.logging.sample_every_steps
                 if every and self.step % every == 0:
                     self.validation.write(self.step)
+                if self.evaluation is not None and self.evaluation.due(self.step):
+                    self.evaluation.run(self.step)
                 if config.checkpoint.every_steps and self.step % config.checkpoint.every_steps == 0:
                     self.save()
                     saved_at = self.step
