@@ -405,6 +405,7 @@ def scenario_lora_and_zero2(rank: int, directory: Path) -> dict:
         float((parameters[name] - state[name]).abs().max()) for name in parameters
     )
     trainer.close()
+    config = tiny_config(directory / "refused", "parallel.zero_stage=2", "train.steps=1")
     try:
         Trainer(
             config,

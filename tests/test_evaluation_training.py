@@ -220,7 +220,7 @@ def test_the_student_path_on_one_process_with_tiny_snapshots(tmp_path):
     from apex_dist.data.prepare import BatchPreparer
     from apex_dist.distributed.runtime import RankInfo
     from apex_dist.evaluation.training import EVALUATION_SEED_OFFSET, PeriodicEvaluation
-    from apex_dist.models import build_model
+    from apex_dist.models.loading import load_pretrained_transformer
     from apex_dist.models.tiny import write_tiny_snapshot
 
     snapshot = write_tiny_snapshot(tmp_path / "qwen")
@@ -234,7 +234,9 @@ def test_the_student_path_on_one_process_with_tiny_snapshots(tmp_path):
     )
     info = RankInfo(0, 1, 0, torch.device("cpu"))
     torch.manual_seed(0)
-    engine = FakeEngine(build_model(config).eval())
+    engine = FakeEngine(
+        load_pretrained_transformer(snapshot, init_context=torch.device("cpu")).eval()
+    )
     trainer = FakeTrainer(config, info, engine, BatchPreparer(config, info.device, 0))
     evaluation = PeriodicEvaluation(trainer)
     images = evaluation.student_images([0, 1, 2])

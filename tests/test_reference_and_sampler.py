@@ -80,7 +80,7 @@ def test_reference_modes():
 
 
 def test_timestep_grids():
-    assert timestep_grid(1) == [0.999, 0.0]
+    assert timestep_grid(1) == [1.0, 0.0]
     assert timestep_grid(2) == pytest.approx([0.999, 0.6, 0.0])
     four = timestep_grid(4)
     assert four[0] == pytest.approx(0.999) and four[3] == pytest.approx(0.5) and four[-1] == 0.0

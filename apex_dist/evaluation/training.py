@@ -161,7 +161,7 @@ class PeriodicEvaluation:
 
         trainer = self.trainer
         prepare, engine = trainer.prepare, trainer.engine
-        text, text_mask = prepare.encode_prompts([self.specs[index].prompt for index in indices])
+        text, text_mask, _ = prepare.encode_prompts([self.specs[index].prompt for index in indices])
         height, width = prepare.bucket_sizes[0]
         latent_shape = prepare.geometry.latent_shape(height, width)
         image_shape = prepare.geometry.image_shape(height, width)
@@ -172,10 +172,15 @@ class PeriodicEvaluation:
                 for index in indices
             ]
         ).to(trainer.info.device)
-        model = engine.inference_model()
-        model.image_shape = image_shape
         with engine.evaluation():
-            latents = sample(model, noise, text, text_mask, nfe=EVALUATION_NFE)
+            latents = sample(
+                engine.inference_model(),
+                noise,
+                text,
+                text_mask,
+                nfe=EVALUATION_NFE,
+                image_shape=image_shape,
+            )
         images = prepare.decode(latents, image_shape).float().clamp(-1, 1)
         return ((images + 1) * 127.5).round().to(torch.uint8).cpu()
 

@@ -1,6 +1,7 @@
 """Samplers (method.md section 7): the student's few-step sampler and the teacher's Euler+CFG.
 
-Student grid: 1 - linspace(0.001, 1 - g, N) then 0; each step jumps to data with
+Student grid: 1 - linspace(0.001, 1 - g, N) then 0 for N >= 2 (the released code's grid), and
+[ONE_STEP_TIME, 0] = [1, 0] at one step (the time the e2e rows train at); each step jumps to data with
 x_hat = x - t_i * F(x, t_i, 0, c) and re-noises to t_{i+1} with
 x = (1 - t_{i+1}) * x_hat + t_{i+1} * (sqrt(1 - s) * z_hat + sqrt(s) * eps).
 """
@@ -17,15 +18,19 @@ from apex_dist.data.batch import ImageShape
 from apex_dist.method.flow import check_times, data_estimate, noise_estimate, per_row
 from apex_dist.method.objectives import with_image_shape
 
-# First grid time: sampling starts just below pure noise (released code).
+# First grid time of multi-step sampling: just below pure noise (released code).
 GRID_START_OFFSET = 0.001
+# The one-step generator's time: x = z - F(z, 1, 0, c), the time the e2e rows train at, and the
+# first sigma of stock diffusers and ComfyUI at one step (docs/generate.md). Exports fold E2 for
+# this time (apex_dist.models.conditioning.fold_one_step_time).
+ONE_STEP_TIME = 1.0
 # Default last noise level g of the grid for each step count (method.md section 7).
 DEFAULT_GAP = {1: 0.0, 2: 0.6, 4: 0.5}
 FALLBACK_GAP = 0.5
 
 
 def timestep_grid(nfe: int, gap: Optional[float] = None) -> list[float]:
-    """[1 - linspace(0.001, 1 - g, N)..., 0]: [0.999, 0] at 1 NFE, [0.999, 0.6, 0] at 2."""
+    """[1 - linspace(0.001, 1 - g, N)..., 0]: [1, 0] at 1 NFE, [0.999, 0.6, 0] at 2."""
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1 (got {nfe})")
     if gap is None:
@@ -35,7 +40,7 @@ def timestep_grid(nfe: int, gap: Optional[float] = None) -> list[float]:
     times = 1 - torch.linspace(GRID_START_OFFSET, 1 - gap, nfe, dtype=torch.float64)
     grid = [float(value) for value in times] + [0.0]
     if nfe == 1:
-        grid = [1 - GRID_START_OFFSET, 0.0]
+        grid = [ONE_STEP_TIME, 0.0]
     return grid
 
 
