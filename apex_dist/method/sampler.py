@@ -1,8 +1,8 @@
 """Samplers (method.md section 7): the student's few-step sampler and the teacher's Euler+CFG.
 
-Student grid: 1 - linspace(0.001, 1 - g, N) then 0 for N >= 2 (the released code's grid), and
-[ONE_STEP_TIME, 0] = [1, 0] at one step (the time the e2e rows train at); each step jumps to data with
-x_hat = x - t_i * F(x, t_i, 0, c) and re-noises to t_{i+1} with
+Student grid: 1 - linspace(0.001, 1 - g, N) then 0 for N >= 2 (the released code's grid),
+[ONE_STEP_TIME, 0] = [1, 0] at one step (the time the e2e rows train at); each step jumps to
+data with x_hat = x - t_i * F(x, t_i, 0, c) and re-noises to t_{i+1} with
 x = (1 - t_{i+1}) * x_hat + t_{i+1} * (sqrt(1 - s) * z_hat + sqrt(s) * eps).
 """
 
