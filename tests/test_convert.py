@@ -30,11 +30,15 @@ from apex_dist.export.convert import (
     APEX_EXTRA_NAME,
     COMFYUI_LORA_NAME,
     DIFFUSERS_LORA_NAME,
+    DIFFUSERS_WEIGHTS_NAME,
+    EXPORT_INFO_NAME,
     ExportOptions,
     ModelMismatchError,
     export_checkpoint,
 )
 from apex_dist.export.torch_archive import CheckpointFormatError
+from apex_dist.method.sampler import ONE_STEP_TIME
+from apex_dist.models.fold import FOLD_BIAS_KEY, FOLD_INFO_KEY, FOLD_MODULE, fold_offset
 from apex_dist.models.qwen_image import QwenImageTransformer, is_apex_key
 from apex_tools import convert_checkpoint
 
@@ -206,33 +210,81 @@ def test_full_export_equals_zero_to_fp32(runs, tmp_path, run_name):
     assert report.verified and report.mode == "full"
 
 
-def test_default_export_loads_in_diffusers_and_apex_dist(runs, tmp_path):
+def _diffusers_output(model, x_t, t, text):
+    with torch.no_grad():
+        return model(
+            hidden_states=x_t,
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=torch.ones(x_t.shape[0], text.shape[1], dtype=torch.bool),
+            timestep=t,
+            img_shapes=[[(1, 2, 2)]] * x_t.shape[0],
+            return_dict=False,
+        )[0]
+
+
+def _one_step(model: QwenImageTransformer, x_t, text) -> torch.Tensor:
+    """The student's one-step call F(x, 1, 0, c) (t = ONE_STEP_TIME)."""
+    ones = torch.full((x_t.shape[0],), ONE_STEP_TIME)
+    with torch.no_grad():
+        return model(x_t, ones, torch.zeros_like(ones), text, image_shape=(1, 2, 2))
+
+
+def test_raw_export_loads_in_diffusers_and_apex_dist(runs, tmp_path):
     from diffusers import QwenImageTransformer2DModel
 
     output = tmp_path / "export"
-    export_checkpoint(runs / "z3_ws2", output, ExportOptions(dtype="fp32"))
+    export_checkpoint(runs / "z3_ws2", output, ExportOptions(dtype="fp32", fold_time=None))
     reference = _zero_to_fp32(runs / "z3_ws2")
     exported = _load_export(output)
-    assert not any(is_apex_key(name) for name in exported)  # diffusers refuses unknown keys
+    assert not any(is_apex_key(name) for name in load_file(output / DIFFUSERS_WEIGHTS_NAME))
+    assert json.loads((output / EXPORT_INFO_NAME).read_text())[FOLD_INFO_KEY] is None
     diffusers_model = QwenImageTransformer2DModel.from_pretrained(output).eval()
     apex_model = QwenImageTransformer.from_diffusers_config(
         json.loads((output / "config.json").read_text())
     ).eval()
-    assert apex_model.load_pretrained_state_dict(exported)  # E2 reported missing, copied from E1
+    assert not apex_model.load_pretrained_state_dict(exported)  # E2 from the extras file
     for name, tensor in diffusers_model.state_dict().items():
         assert torch.equal(tensor, reference[name]), name
     x_t, t, text = _inputs()
     with torch.no_grad():
         ours = apex_model(x_t, t, t, text, image_shape=(1, 2, 2))
-        theirs = diffusers_model(
-            hidden_states=x_t,
-            encoder_hidden_states=text,
-            encoder_hidden_states_mask=torch.ones(2, 3, dtype=torch.bool),
-            timestep=t,
-            img_shapes=[[(1, 2, 2)]] * 2,
-            return_dict=False,
-        )[0]
-    assert (ours - theirs).abs().max() <= OUTPUT_TOLERANCE
+    assert (ours - _diffusers_output(diffusers_model, x_t, t, text)).abs().max() <= OUTPUT_TOLERANCE
+
+
+def test_default_export_is_the_one_step_student_in_stock_diffusers(runs, tmp_path):
+    """The fold: stock diffusers at timestep 1 computes the student's F(x, 1, 0, c)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    output = tmp_path / "export"
+    export_checkpoint(runs / "z3_ws2", output, ExportOptions(dtype="fp32", verify=True))
+    reference = _zero_to_fp32(runs / "z3_ws2")
+    info = json.loads((output / EXPORT_INFO_NAME).read_text())
+    assert info[FOLD_INFO_KEY] == {"time": ONE_STEP_TIME, "bias_key": FOLD_BIAS_KEY}
+    extras = load_file(output / APEX_EXTRA_NAME)
+    assert set(extras) == {name for name in reference if is_apex_key(name)}
+    diffusers_model = QwenImageTransformer2DModel.from_pretrained(output).eval()
+    state = diffusers_model.state_dict()
+    expected_bias = reference[FOLD_BIAS_KEY] + fold_offset(reference, ONE_STEP_TIME)
+    assert torch.allclose(state[FOLD_BIAS_KEY], expected_bias, atol=1e-6)
+    assert all(torch.equal(state[n], reference[n]) for n in state if n != FOLD_BIAS_KEY)
+    student = QwenImageTransformer.from_preset(PRESET).eval()
+    student.load_state_dict(reference)
+    x_t, _, text = _inputs()
+    expected = _one_step(student, x_t, text)
+    ones = torch.full((2,), ONE_STEP_TIME)
+    folded = _diffusers_output(diffusers_model, x_t, ones, text)
+    assert _relative_l2(folded, expected) < 1e-5
+    raw = QwenImageTransformer2DModel.from_pretrained(output).eval()
+    raw.load_state_dict({**state, FOLD_BIAS_KEY: reference[FOLD_BIAS_KEY]})
+    assert _relative_l2(_diffusers_output(raw, x_t, ones, text), expected) > 1e-3  # E2 matters
+    # the shipped scheduler samples one step at sigmas [1, 0] (Qwen-Image's own gives NaN)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(output, subfolder="scheduler")
+    scheduler.set_timesteps(sigmas=[1.0], mu=0.8)
+    assert scheduler.sigmas.tolist() == [1.0, 0.0]
+
+
+def _relative_l2(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value - reference).norm() / reference.norm())
 
 
 def test_bf16_export_and_streaming_reads_bounded_pieces(runs, tmp_path, monkeypatch):
@@ -247,11 +299,16 @@ def test_bf16_export_and_streaming_reads_bounded_pieces(runs, tmp_path, monkeypa
     chunk = 64
     export_checkpoint(runs / "z3_ws2", tmp_path / "export", ExportOptions(chunk_elements=chunk))
     assert largest and max(largest) <= chunk  # never a whole tensor, partition or file
-    exported = _load_export(tmp_path / "export")
+    exported = load_file(tmp_path / "export" / DIFFUSERS_WEIGHTS_NAME)
     reference = _zero_to_fp32(runs / "z3_ws2")
+    folded_bias = reference[FOLD_BIAS_KEY] + fold_offset(reference, ONE_STEP_TIME)
+    reference[FOLD_BIAS_KEY] = folded_bias
     for name, tensor in exported.items():
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(tensor, reference[name].to(torch.bfloat16)), name
+    # E2 for apex_dist's loaders, in fp32 whatever the export dtype
+    extras = load_file(tmp_path / "export" / APEX_EXTRA_NAME)
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in extras.items())
 
 
 @pytest.mark.parametrize("run_name", ["z2_ws2", "z3_ws2", "z3_ws1"])
@@ -292,13 +349,14 @@ def _diffusers_with_lora(runs: Path, lora_file: Path):
 
 
 @pytest.mark.parametrize("run_name", ["z3_ws2_lora", "z2_ws1_lora"])
-def test_lora_export_in_diffusers_reproduces_apex_dist(runs, tmp_path, run_name):
+def test_raw_lora_export_in_diffusers_reproduces_apex_dist(runs, tmp_path, run_name):
     output = tmp_path / "lora"
-    options = ExportOptions(lora_formats=("diffusers", "comfyui"), verify=True)
+    options = ExportOptions(lora_formats=("diffusers", "comfyui"), verify=True, fold_time=None)
     export_checkpoint(runs / run_name, output, options)
     names = load_file(output / DIFFUSERS_LORA_NAME)
     assert all(name.startswith("transformer.") for name in names)
     assert not any(".time_text_embed_2." in name for name in names)  # no such module in diffusers
+    assert not any(name.endswith(".bias") for name in names)
     assert "transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight" in names
     comfy = load_file(output / COMFYUI_LORA_NAME)
     assert "diffusion_model.transformer_blocks.1.img_mlp.net.2.lora_down.weight" in comfy
@@ -313,17 +371,141 @@ def test_lora_export_in_diffusers_reproduces_apex_dist(runs, tmp_path, run_name)
         base = _base_model().eval()(x_t, t, t, text, image_shape=(1, 2, 2))
     assert (ours - base).abs().max() > 1e-3  # the adapters matter
     for file_name in (DIFFUSERS_LORA_NAME, COMFYUI_LORA_NAME):
-        diffusers_model = _diffusers_with_lora(runs, output / file_name)
-        with torch.no_grad():
-            theirs = diffusers_model(
-                hidden_states=x_t,
-                encoder_hidden_states=text,
-                encoder_hidden_states_mask=torch.ones(2, 3, dtype=torch.bool),
-                timestep=t,
-                img_shapes=[[(1, 2, 2)]] * 2,
-                return_dict=False,
-            )[0]
+        theirs = _diffusers_output(_diffusers_with_lora(runs, output / file_name), x_t, t, text)
         assert (ours - theirs).abs().max() <= OUTPUT_TOLERANCE, file_name
+
+
+@pytest.mark.parametrize("run_name", ["z3_ws2_lora", "z2_ws1_lora"])
+def test_default_lora_export_is_the_one_step_student_in_diffusers_and_comfyui(
+    runs, tmp_path, run_name
+):
+    output = tmp_path / "lora"
+    options = ExportOptions(lora_formats=("diffusers", "comfyui"), verify=True)
+    export_checkpoint(runs / run_name, output, options)
+    student = _apex_lora_model(runs / run_name)
+    x_t, _, text = _inputs()
+    expected = _one_step(student, x_t, text)
+    ones = torch.full((2,), ONE_STEP_TIME)
+    # diffusers, loaded the ordinary way: the fold is a lora_B bias on E1's last layer
+    names = load_file(output / DIFFUSERS_LORA_NAME)
+    fold_bias = f"transformer.{FOLD_MODULE}.lora_B.bias"
+    assert fold_bias in names and names[fold_bias].abs().max() > 0
+    assert all(
+        names[name].abs().max() == 0
+        for name in names
+        if name.endswith("lora_B.bias") and name != fold_bias
+    )
+    theirs = _diffusers_output(
+        _diffusers_with_lora(runs, output / DIFFUSERS_LORA_NAME), x_t, ones, text
+    )
+    assert _relative_l2(theirs, expected) < 1e-5
+    # ComfyUI: every key maps to a model key, and its patches give the student
+    comfy = load_file(output / COMFYUI_LORA_NAME)
+    patched = _comfyui_patched_state(runs, comfy)
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel.from_pretrained(runs / "base_snapshot" / "transformer")
+    model.load_state_dict(patched)
+    assert _relative_l2(_diffusers_output(model.eval(), x_t, ones, text), expected) < 1e-5
+    assert json.loads((output / EXPORT_INFO_NAME).read_text())[FOLD_INFO_KEY]["time"] == 1.0
+    assert (output / "scheduler" / "scheduler_config.json").is_file()
+
+
+def _stock_pipeline(transformer, scheduler_folder: Path):
+    """diffusers' QwenImagePipeline around `transformer`, with the export's scheduler (the
+    tiny VAE and text encoder only fix the geometry: prompts come as embeddings)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    from apex_dist.models.tiny import build_tiny_text_pair, build_tiny_vae
+
+    tokenizer, text_encoder = build_tiny_text_pair()
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(
+            scheduler_folder, subfolder="scheduler"
+        ),
+        vae=build_tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+@pytest.mark.parametrize("mode", ["lora", "merged"])
+def test_stock_pipeline_at_one_step_reproduces_the_students_sample(runs, tmp_path, mode):
+    """QwenImagePipeline(num_inference_steps=1), loaded the ordinary way from the default
+    export, gives apex_dist's 1-NFE sample from the same noise and prompt embeddings."""
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    from apex_dist.method import sample
+
+    output = tmp_path / mode
+    base = runs / "base_snapshot"
+    export_checkpoint(
+        runs / "z3_ws2_lora", output, ExportOptions(mode=mode, base=base, dtype="fp32")
+    )
+    if mode == "lora":
+        transformer = QwenImageTransformer2DModel.from_pretrained(base / "transformer")
+        pipeline = _stock_pipeline(transformer, output)
+        pipeline.load_lora_weights(output)
+    else:
+        transformer = QwenImageTransformer2DModel.from_pretrained(output)
+        pipeline = _stock_pipeline(transformer, output)
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randn(2, 4, 16, generator=generator)  # packed (B, 2x2 tokens, 16)
+    text = torch.randn(2, 3, 32, generator=generator)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    latents = pipeline(
+        prompt_embeds=text,
+        prompt_embeds_mask=mask,
+        latents=noise,
+        height=32,
+        width=32,
+        num_inference_steps=1,
+        true_cfg_scale=1.0,
+        output_type="latent",
+    ).images
+    student = _apex_lora_model(runs / "z3_ws2_lora")
+    expected = sample(student, noise, text, mask.bool(), nfe=1, image_shape=(1, 2, 2))
+    assert isinstance(pipeline, QwenImagePipeline)
+    assert _relative_l2(latents, expected) < 1e-4
+
+
+def _comfyui_model_keys(runs: Path) -> dict[str, torch.Tensor]:
+    """ComfyUI's state dict of a Qwen-Image model: diffusers' module paths under
+    `diffusion_model.` (comfy/ldm/qwen_image/model.py names every layer as diffusers does:
+    time_text_embed.timestep_embedder.linear_1/2, img_mod.1, attn.to_out.0, img_mlp.net.0.proj,
+    norm_out.linear, proj_out)."""
+    base = load_file(runs / "base_snapshot" / "transformer" / "diffusion_pytorch_model.safetensors")
+    return {f"diffusion_model.{name}": tensor for name, tensor in base.items()}
+
+
+def _comfyui_patched_state(runs: Path, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's reading of a LoRA file for Qwen-Image, rule by rule (comfy/lora.py):
+    `model_lora_keys_unet` maps "<model key without .weight>" to the weight for every
+    `diffusion_model.*.weight`; `load_lora` reads "<x>.lora_up.weight" / "<x>.lora_down.weight"
+    with "<x>.alpha" (scale alpha / rank), and "<x>.diff_b" as a difference added to
+    "<x>.bias". Every key of the file must be consumed and every target must exist."""
+    model = _comfyui_model_keys(runs)
+    key_map = {name.removesuffix(".weight"): name for name in model if name.endswith(".weight")}
+    patched = {name: tensor.clone().float() for name, tensor in model.items()}
+    consumed = set()
+    for prefix, weight_key in key_map.items():
+        up, down = lora.get(f"{prefix}.lora_up.weight"), lora.get(f"{prefix}.lora_down.weight")
+        if up is not None and down is not None:
+            alpha = lora.get(f"{prefix}.alpha")
+            scale = alpha.item() / down.shape[0] if alpha is not None else 1.0
+            assert (up @ down).shape == patched[weight_key].shape, prefix
+            patched[weight_key] += scale * (up.float() @ down.float())
+            consumed |= {f"{prefix}.lora_up.weight", f"{prefix}.lora_down.weight"}
+            consumed |= {f"{prefix}.alpha"} if alpha is not None else set()
+        diff_bias = lora.get(f"{prefix}.diff_b")
+        if diff_bias is not None:
+            bias_key = f"{prefix}.bias"
+            assert bias_key in patched and patched[bias_key].shape == diff_bias.shape, prefix
+            patched[bias_key] += diff_bias.float()
+            consumed.add(f"{prefix}.diff_b")
+    assert set(lora) == consumed, f"keys ComfyUI would not load: {sorted(set(lora) - consumed)}"
+    return {name.removeprefix("diffusion_model."): tensor for name, tensor in patched.items()}
 
 
 def test_merged_export_reproduces_lora_model_with_e2(runs, tmp_path):

@@ -8,6 +8,9 @@ and streams tensors, so memory stays near one chunk whatever the model size.
     apex-convert-checkpoint runs/qwen_lora merged/ --mode merged --base /models/Qwen-Image
     apex-convert-checkpoint runs/qwen_full ema/ --weights ema --dtype fp32 --verify
 
+Student exports are folded for one-step sampling at t = 1 by default (--no-fold writes the
+weights as trained).
+
 See docs/export.md for the layouts written and what loads them.
 """
 
@@ -27,6 +30,7 @@ from apex_dist.export.convert import (
     parse_size,
 )
 from apex_dist.export.torch_archive import CheckpointFormatError
+from apex_dist.method.sampler import ONE_STEP_TIME
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-apex-keys",
         action="store_true",
-        help="keep E2 (time_text_embed_2.*) and condition_shift.* in a full/merged export; "
-        "diffusers then refuses the files, apex_dist loads them",
+        help="keep E2 (time_text_embed_2.*) and condition_shift.* in a full/merged export, "
+        "unfolded: for apex_dist's loader (diffusers warns and drops them)",
+    )
+    fold = parser.add_mutually_exclusive_group()
+    fold.add_argument(
+        "--no-fold",
+        action="store_true",
+        help="write the weights and adapters as trained, without the one-step fold of E2 "
+        "into E1's last bias (stock clients then do not reproduce the one-step student)",
+    )
+    fold.add_argument(
+        "--fold-time",
+        type=float,
+        default=ONE_STEP_TIME,
+        help=f"the one-step sampling time the fold is made for (default {ONE_STEP_TIME:g})",
     )
     parser.add_argument(
         "--lora-format",
@@ -104,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=arguments.dtype,
             max_shard_bytes=parse_size(arguments.max_shard_size),
             keep_apex_keys=arguments.keep_apex_keys,
+            fold_time=None if arguments.no_fold else arguments.fold_time,
             lora_formats=tuple(arguments.lora_format),
             base=arguments.base,
             preset=arguments.preset,

@@ -24,7 +24,9 @@ renamed only when every file (and, with `verify`, every comparison) succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -51,7 +53,9 @@ from apex_dist.export.safetensors_io import (
     write_safetensors,
 )
 from apex_dist.export.torch_archive import CheckpointFormatError, LazyTensor
+from apex_dist.method.sampler import ONE_STEP_TIME
 from apex_dist.models.conditioning import DEFAULT_CONDITION_SHIFT, is_apex_key
+from apex_dist.models.fold import E2_KEYS, FOLD_BIAS_KEY, FOLD_INFO_KEY, FOLD_MODULE, fold_offset
 from apex_dist.models.loading import transformer_directory
 from apex_dist.models.lora import to_diffusers_lora
 from apex_dist.models.qwen_image import QwenImageTransformer
@@ -76,6 +80,34 @@ COMFYUI_LORA_NAME = "pytorch_lora_weights_comfyui.safetensors"
 COMFYUI_PREFIX = QWEN_IMAGE_SPEC.comfyui_lora_prefix
 APEX_EXTRA_NAME = "apex_extra_weights.safetensors"
 EXPORT_INFO_NAME = "export_info.json"
+# The scheduler a stock diffusers pipeline should sample a folded export with, in the folder
+# diffusers' `from_pretrained(..., subfolder=...)` reads.
+SCHEDULER_FOLDER = "scheduler"
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+# Qwen-Image's released scheduler settings (its snapshot's scheduler/scheduler_config.json),
+# used when no base snapshot is at hand, with `shift_terminal` turned off: Qwen-Image's 0.02
+# stretches the one-step sigmas [1] into NaN, while without it one step samples at sigmas
+# [1, 0], the folded time. The shift settings have no effect at sigma 1.
+ONE_STEP_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": math.log(3),
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": math.log(3),
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+# ComfyUI's key for a bias added to a module's own (comfy/lora.py, `load_lora`: "<key>.diff_b"
+# patches "<module>.bias").
+COMFYUI_BIAS_DIFF_SUFFIX = "diff_b"
 # Default shard size of the full export: diffusers' save_pretrained default is 10 GB; 5 GB
 # keeps each file comfortably below common upload limits.
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
@@ -101,7 +133,11 @@ class ExportOptions:
         weights: "trained" (the optimizer's fp32 master weights) or "ema".
         dtype: output dtype name (fp32, bf16, fp16); None: bf16 for full/merged, fp32 for lora.
         max_shard_bytes: largest safetensors shard of a full/merged export.
-        keep_apex_keys: keep E2 and the condition shift in a full/merged export.
+        keep_apex_keys: keep E2 and the condition shift in a full/merged export (raw weights
+            for apex_dist's loader: no fold).
+        fold_time: the one-step sampling time E2 is folded into E1's last bias for (see
+            `apex_dist.models.fold`), so that stock clients run the student at one step;
+            None writes the raw weights (the adapters as trained).
         lora_formats: "diffusers" and/or "comfyui".
         base: snapshot (or transformer folder) with the base weights, for mode merged.
         preset / model_config: the model to check the checkpoint against, overriding the
@@ -117,6 +153,7 @@ class ExportOptions:
     dtype: str | None = None
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     keep_apex_keys: bool = False
+    fold_time: float | None = ONE_STEP_TIME
     lora_formats: tuple[str, ...] = ("diffusers",)
     base: Path | None = None
     preset: str | None = None
@@ -547,6 +584,8 @@ class ExportPlan:
     lora_modules: dict[str, LoraModule]
     plain_sources: dict[str, TensorSource]
     base_tensors: dict[str, LazyTensor]
+    fold_time: float | None = None
+    fold: torch.Tensor | None = None  # d = fold_time * E2(0), (D,) fp32
 
     @property
     def dtype(self) -> torch.dtype:
@@ -638,7 +677,7 @@ def plan_export(
     base_tensors = (
         _checked_base(Path(options.base), model, plain_sources) if mode == "merged" else {}
     )
-    return ExportPlan(
+    plan = ExportPlan(
         checkpoint,
         mode,
         dtype_name,
@@ -648,14 +687,101 @@ def plan_export(
         plain_sources,
         base_tensors,
     )
+    fold_time = None if options.keep_apex_keys else options.fold_time
+    if fold_time is not None:
+        if not 0 < fold_time <= 1:
+            raise ValueError(f"fold time {fold_time} must be in (0, 1] (one-step: 1)")
+        plan.fold_time = float(fold_time)
+        plan.fold = fold_offset(_target_embedding_state(plan, options), plan.fold_time)
+    return plan
+
+
+def _materialise(output: OutputTensor) -> torch.Tensor:
+    flat = torch.cat([chunk.reshape(-1).to(output.dtype) for chunk in output.produce()])
+    return flat.view(output.shape)
+
+
+def _target_embedding_state(plan: ExportPlan, options: ExportOptions) -> dict[str, torch.Tensor]:
+    """E2's tensors in fp32 (its adapters merged, if it has any): what the fold is made of."""
+    missing = [name for name in E2_KEYS if name not in plan.plain_sources]
+    if missing:
+        raise ModelMismatchError(
+            f"{plan.checkpoint.tag_directory} has no trained second time embedding ({missing[0]} "
+            "missing), so there is nothing to fold: pass --no-fold to export it as it is"
+        )
+    adapted = [plan.lora_modules[n] for n in plan.lora_modules if f"{n}.weight" in E2_KEYS]
+    alpha = _lora_alpha(plan.checkpoint, options, adapted[0].rank) if adapted else 1.0
+    return {
+        name: _materialise(
+            _model_tensor_output(
+                name,
+                plan.plain_sources,
+                {},
+                plan.lora_modules,
+                alpha,
+                torch.float32,
+                options.chunk_elements,
+            )
+        )
+        for name in E2_KEYS
+    }
+
+
+def _plus(output: OutputTensor, offset: torch.Tensor) -> OutputTensor:
+    """`output` with `offset` added (in fp32, before the cast to the output dtype)."""
+    return OutputTensor(
+        output.name,
+        output.shape,
+        output.dtype,
+        lambda: [_materialise(dataclasses.replace(output, dtype=torch.float32)) + offset],
+    )
+
+
+def _tensor_output(name: str, value: torch.Tensor, dtype: torch.dtype) -> OutputTensor:
+    return OutputTensor(name, tuple(value.shape), dtype, lambda: [value.reshape(-1)])
+
+
+def _fold_info(plan: ExportPlan, info: dict) -> None:
+    info[FOLD_INFO_KEY] = (
+        {"time": plan.fold_time, "bias_key": FOLD_BIAS_KEY} if plan.fold is not None else None
+    )
+
+
+def _write_scheduler(staging: Path, options: ExportOptions, report: ExportReport) -> None:
+    """The one-step scheduler config: the base snapshot's, with shift_terminal off."""
+    config = dict(ONE_STEP_SCHEDULER_CONFIG)
+    if options.base is not None:
+        snapshot = Path(options.base)
+        for candidate in (snapshot, snapshot.parent):
+            found = candidate / SCHEDULER_FOLDER / SCHEDULER_CONFIG_NAME
+            if found.is_file():
+                config = {**_read_json(found), "shift_terminal": None}
+                break
+    (staging / SCHEDULER_FOLDER).mkdir()
+    _write_json(staging / SCHEDULER_FOLDER / SCHEDULER_CONFIG_NAME, config)
+    report.files.append(f"{SCHEDULER_FOLDER}/{SCHEDULER_CONFIG_NAME}")
+
+
+def _extras_outputs(plan: ExportPlan, alpha: float, chunk: int) -> list[OutputTensor]:
+    """E2 and the condition shift as trained, in fp32 and apex_dist's names (adapters on E2
+    merged): what apex_dist's loaders and the multi-step pipeline need besides the model."""
+    return [
+        _model_tensor_output(
+            name, plan.plain_sources, {}, plan.lora_modules, alpha, torch.float32, chunk
+        )
+        for name in plan.model_order
+        if is_apex_key(name) and name in plan.plain_sources
+    ]
 
 
 def _write_full(
     staging: Path, plan: ExportPlan, options: ExportOptions, report: ExportReport, info: dict
 ) -> dict[str, list[OutputTensor]]:
-    """Full or merged weights in diffusers' snapshot layout (transformer folder)."""
+    """Full or merged weights in diffusers' snapshot layout (transformer folder); folded, E2
+    and the condition shift go to the extras file."""
     chunk, dtype, sources = options.chunk_elements, plan.dtype, plan.plain_sources
     outputs = []
+    alpha = 1.0
     if plan.mode == "full":
         for name in plan.model_order:
             if name in sources and (options.keep_apex_keys or not is_apex_key(name)):
@@ -672,20 +798,70 @@ def _write_full(
                     name, sources, plan.base_tensors, plan.lora_modules, alpha, dtype, chunk
                 )
             )
+    if plan.fold is not None:
+        outputs = [
+            _plus(tensor, plan.fold) if tensor.name == FOLD_BIAS_KEY else tensor
+            for tensor in outputs
+        ]
     weight_map = _write_sharded(staging, outputs, options.max_shard_bytes, report)
     file_outputs: dict[str, list[OutputTensor]] = {}
     for tensor in outputs:
         file_outputs.setdefault(weight_map[tensor.name], []).append(tensor)
     _write_json(staging / DIFFUSERS_CONFIG_NAME, plan.model.diffusers_config())
     report.files.append(DIFFUSERS_CONFIG_NAME)
-    info["apex_keys"] = "kept" if options.keep_apex_keys else "left out"
+    info["apex_keys"] = "kept" if options.keep_apex_keys else f"in {APEX_EXTRA_NAME}"
+    if not options.keep_apex_keys:
+        _write_extras(staging, _extras_outputs(plan, alpha, chunk), file_outputs, report)
     return file_outputs
+
+
+def _write_extras(
+    staging: Path,
+    extras: list[OutputTensor],
+    file_outputs: dict[str, list[OutputTensor]],
+    report: ExportReport,
+) -> None:
+    if extras:
+        write_safetensors(staging / APEX_EXTRA_NAME, extras, {"format": "pt"})
+        file_outputs[APEX_EXTRA_NAME] = extras
+        report.files.append(APEX_EXTRA_NAME)
+        report.tensors += len(extras)
+        report.bytes_written += sum(tensor.byte_size() for tensor in extras)
+
+
+def _diffusers_lora_outputs(
+    plan: ExportPlan, modules: list[LoraModule], rank: int, alpha: float, dtype, chunk: int
+) -> tuple[list[OutputTensor], list[str]]:
+    """The diffusers file's tensors and target modules. Folded, every module also gets a
+    `lora_B.bias` (peft's lora_bias): zero, except d * rank / alpha on E1's last layer, which
+    becomes a (zero-weight) adapter of its own if it was not a LoRA target."""
+    outputs, targets = [], []
+    for module in modules:
+        down_name, up_name = diffusers_lora_names(module.module)
+        outputs.append(_source_output(down_name, module.down, dtype, chunk))
+        outputs.append(_source_output(up_name, module.up, dtype, chunk))
+        targets.append(module.module)
+    if plan.fold is None:
+        return outputs, targets
+    if FOLD_MODULE not in targets:
+        out_features, in_features = plan.model.get_submodule(FOLD_MODULE).weight.shape
+        down_name, up_name = diffusers_lora_names(FOLD_MODULE)
+        outputs.append(_tensor_output(down_name, torch.zeros(rank, in_features), dtype))
+        outputs.append(_tensor_output(up_name, torch.zeros(out_features, rank), dtype))
+        targets.append(FOLD_MODULE)
+    for module in targets:
+        out_features = plan.model.get_submodule(module).weight.shape[0]
+        bias = plan.fold * (rank / alpha) if module == FOLD_MODULE else torch.zeros(out_features)
+        up_name = diffusers_lora_names(module)[1]
+        outputs.append(_tensor_output(up_name.removesuffix(".weight") + ".bias", bias, dtype))
+    return outputs, targets
 
 
 def _write_lora(
     staging: Path, plan: ExportPlan, options: ExportOptions, report: ExportReport, info: dict
 ) -> dict[str, list[OutputTensor]]:
-    """Adapters in diffusers' and/or ComfyUI's naming, and the APEX extras file."""
+    """Adapters in diffusers' and/or ComfyUI's naming (the fold as a bias adapter), and the
+    APEX extras file."""
     chunk, dtype = options.chunk_elements, plan.dtype
     ranks = {module.rank for module in plan.lora_modules.values()}
     if len(ranks) != 1:
@@ -707,16 +883,14 @@ def _write_lora(
     ]
     file_outputs: dict[str, list[OutputTensor]] = {}
     if "diffusers" in options.lora_formats:
-        outputs = []
-        for module in modules:
-            down_name, up_name = diffusers_lora_names(module.module)
-            outputs.append(_source_output(down_name, module.down, dtype, chunk))
-            outputs.append(_source_output(up_name, module.up, dtype, chunk))
+        outputs, targets = _diffusers_lora_outputs(plan, modules, rank, alpha, dtype, chunk)
         adapter = {
             f"{DIFFUSERS_LORA_PREFIX}r": rank,
             f"{DIFFUSERS_LORA_PREFIX}lora_alpha": alpha,
-            f"{DIFFUSERS_LORA_PREFIX}target_modules": [module.module for module in modules],
+            f"{DIFFUSERS_LORA_PREFIX}target_modules": targets,
         }
+        if plan.fold is not None:
+            adapter[f"{DIFFUSERS_LORA_PREFIX}lora_bias"] = True
         metadata = {
             "format": "pt",
             DIFFUSERS_LORA_METADATA_KEY: json.dumps(adapter, sort_keys=True),
@@ -731,20 +905,16 @@ def _write_lora(
             outputs.append(_source_output(up_name, module.up, dtype, chunk))
             alpha_value = torch.tensor(alpha, dtype=dtype)
             outputs.append(OutputTensor(alpha_name, (), dtype, lambda value=alpha_value: [value]))
+        if plan.fold is not None:
+            name = f"{COMFYUI_PREFIX}{FOLD_MODULE}.{COMFYUI_BIAS_DIFF_SUFFIX}"
+            outputs.append(_tensor_output(name, plan.fold, dtype))
         write_safetensors(staging / COMFYUI_LORA_NAME, outputs, {"format": "pt"})
         file_outputs[COMFYUI_LORA_NAME] = outputs
-    extras = [
-        _model_tensor_output(name, plan.plain_sources, {}, plan.lora_modules, alpha, dtype, chunk)
-        for name in plan.model_order
-        if is_apex_key(name) and name in plan.plain_sources
-    ]
-    if extras:
-        write_safetensors(staging / APEX_EXTRA_NAME, extras, {"format": "pt"})
-        file_outputs[APEX_EXTRA_NAME] = extras
     for name, tensors in file_outputs.items():
         report.files.append(name)
         report.tensors += len(tensors)
         report.bytes_written += sum(tensor.byte_size() for tensor in tensors)
+    _write_extras(staging, _extras_outputs(plan, alpha, chunk), file_outputs, report)
     return file_outputs
 
 
@@ -800,6 +970,9 @@ def export_checkpoint(
     try:
         write = _write_full if plan.mode in ("full", "merged") else _write_lora
         file_outputs = write(staging, plan, options, report, info)
+        _fold_info(plan, info)
+        if plan.fold is not None:
+            _write_scheduler(staging, options, report)
         if options.verify:
             _verify(staging, file_outputs)
             report.verified = True
