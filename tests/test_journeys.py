@@ -239,8 +239,20 @@ def test_j1_prompt_only_lora_resumes_with_decoded_grids_and_one_wandb_run(
         "logging.sample_count=3",
         "logging.teacher_steps=3",
     ]
-    first = deepspeed_launch(LORA, *common, "train.steps=4").succeed()
+    # periodic GenEval-style evaluation on both ranks (tiny detector and CLIP snapshots)
+    from tiny_evaluation import write_clip_snapshot, write_detector_snapshot
+
+    evaluation = [
+        "logging.eval_every_steps=4",
+        "logging.eval_prompt_count=3",
+        f"logging.eval_clip={write_clip_snapshot(tmp_path / 'clip')}",
+        f"logging.eval_detector={write_detector_snapshot(tmp_path / 'detector')}",
+    ]
+    first = deepspeed_launch(LORA, *common, *evaluation, "train.steps=4").succeed()
     assert "step 4/4 loss" in first and latest(run) == 4
+    assert first.count("evaluation step ") == 2, first[-3000:]  # steps 0 and 4
+    report = json.loads((run / "evaluation" / "step_00000004" / "results.json").read_text())
+    assert len(report["images"]) == 3
     assert "kernels: attention auto" in first  # what the run chose is in its log
     assert "FutureWarning" not in first  # no per-step library lines between the progress lines
     assert first.count(" loss ") == first.count("step 2/4 loss") + first.count("step 4/4 loss")
