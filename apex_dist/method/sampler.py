@@ -52,12 +52,18 @@ Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 def fresh_noise(like: Tensor, generator: Generators = None) -> Tensor:
     """Standard normal noise with the shape, device and dtype of `like`.
 
-    One generator (or None) draws the whole tensor on `like`'s device; a list of generators
-    draws row i from generator i on that generator's device, so that a row does not depend on
-    the other rows of the batch (how `apex-generate` makes an image depend only on its seed).
+    None draws on `like`'s device; one generator draws the whole tensor on its own device
+    (a CPU generator also serves CUDA latents); a list of generators draws row i from generator
+    i, so that a row does not depend on the other rows of the batch (how `apex-generate` makes
+    an image depend only on its seed).
     """
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    if generator is None:
+        return torch.randn(like.shape, device=like.device, dtype=like.dtype)
+    if isinstance(generator, torch.Generator):
+        noise = torch.randn(
+            like.shape, generator=generator, device=generator.device, dtype=like.dtype
+        )
+        return noise.to(like.device)
     if len(generator) != like.shape[0]:
         raise ValueError(f"{len(generator)} generators for {like.shape[0]} rows: give one per row")
     rows = [
