@@ -217,13 +217,14 @@ def _load_run(
     source: Path, base: Optional[Path], tag: Optional[str], weights: str, dtype: str
 ) -> LoadedModel:
     """A run directory (or its checkpoints/ or a tag directory), read without DeepSpeed."""
-    from apex_dist.export.convert import ExportOptions, _lora_alpha, plan_export
+    from apex_dist.export.convert import ExportOptions, _checked_base, _lora_alpha, plan_export
     from apex_dist.export.torch_archive import CheckpointFormatError
     from apex_dist.models.loading import load_pretrained_transformer
 
     torch_dtype = _torch_dtype(dtype)
     try:
-        plan = plan_export(source, ExportOptions(weights=weights, base=base), tag)
+        # the model is the run's (config.yaml); a --base is checked against it below
+        plan = plan_export(source, ExportOptions(weights=weights), tag)
     except CheckpointFormatError as error:
         raise GenerateError(
             f"--source {source}: {error} (a run directory has checkpoints/ with a 'latest' file "
@@ -245,8 +246,8 @@ def _load_run(
                 + (f"{snapshot} does not exist" if snapshot else "is not named in config.yaml")
                 + ": pass --base SNAPSHOT_DIR (the model the LoRA was trained on)"
             )
-        # the merged export's checks: the base must fit the checkpoint's model
-        plan_export(source, ExportOptions(weights=weights, mode="merged", base=snapshot), tag)
+        # the merged export's check: the base must fit the checkpoint's model
+        _checked_base(snapshot, plan.model, sources)
         model = load_pretrained_transformer(snapshot, dtype, **_shift_options(run_config))
         state = {name: _cast(tensor.read(), torch_dtype) for name, tensor in sources.items()}
         model.load_state_dict(state, strict=False)
@@ -940,6 +941,19 @@ def write_contact_sheets(
     return paths
 
 
+def write_metadata(folder: Path, jobs: list[tuple[str, int, str]]) -> None:
+    """metadata.jsonl listing the images with their prompts and seeds, so that `apex-eval
+    score FOLDER` reads the folder (and not the contact sheets beside the images)."""
+    from apex_dist.atomic import atomic_write_text
+    from apex_dist.evaluation.images import METADATA_FILE
+
+    lines = [
+        json.dumps({"file": name, "prompt": prompt, "seed": seed}) + "\n"
+        for prompt, seed, name in jobs
+    ]
+    atomic_write_text(folder / METADATA_FILE, "".join(lines))
+
+
 def run(arguments: argparse.Namespace) -> dict[str, Any]:
     """apex-generate: images, contact sheets and timings; returns what it measured."""
     from tqdm import tqdm
@@ -982,6 +996,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
                     )
                 pictures += images
                 bar.update(len(batch))
+        write_metadata(subfolder, jobs)
         rows.append((labels[which], pictures))
     sheets = write_contact_sheets(rows, [f"{job[0]} (seed {job[1]})" for job in jobs], folder)
     measured: dict[str, Any] = {"images": len(jobs), "sheets": [str(path) for path in sheets]}

@@ -64,6 +64,45 @@ class StockVelocity:
         )[0]
 
 
+def stock_transformer(export: Path, torch_dtype: torch.dtype):
+    """diffusers' transformer of a full or merged export and E2's tensors (fp32).
+
+    A folded export, or one without the APEX keys, loads with `from_pretrained`; an export
+    written with `--keep-apex-keys` holds E2 beside diffusers' tensors, which diffusers refuses,
+    so its diffusers part is loaded by hand. E2 comes from the model files or from
+    `apex_extra_weights.safetensors`.
+    """
+    from diffusers import QwenImageTransformer2DModel
+    from safetensors import safe_open
+
+    from apex_dist.generate import _apex_extras
+    from apex_dist.models.conditioning import is_apex_key
+    from apex_dist.models.fold import E2_KEYS
+    from apex_dist.models.loading import read_transformer_config, weight_files
+
+    files = weight_files(export)
+    names = []
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            names += list(handle.keys())
+    if not any(is_apex_key(name) for name in names):
+        transformer = QwenImageTransformer2DModel.from_pretrained(export, torch_dtype=torch_dtype)
+        return transformer, _apex_extras(export, "export")
+    state, e2_state = {}, {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - not a mapping
+                if name in E2_KEYS:
+                    e2_state[name] = handle.get_tensor(name).float()
+                elif not is_apex_key(name):
+                    state[name] = handle.get_tensor(name)
+    if len(e2_state) != len(E2_KEYS):
+        e2_state = _apex_extras(export, "export")
+    transformer = QwenImageTransformer2DModel.from_config(read_transformer_config(export))
+    transformer.load_state_dict(state, strict=True)
+    return transformer.to(torch_dtype).eval(), e2_state
+
+
 class ApexQwenImagePipeline(QwenImagePipeline):
     """`QwenImagePipeline` sampling an APEX student (module doc).
 
@@ -120,21 +159,30 @@ class ApexQwenImagePipeline(QwenImagePipeline):
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         from apex_dist.export.convert import DIFFUSERS_LORA_NAME
-        from apex_dist.generate import _apex_extras, fold_of, read_export_info
+        from apex_dist.generate import _apex_extras, fold_of, read_export_info, read_lora_file
         from apex_dist.models.fold import target_embedding_at_zero
+        from apex_dist.models.lora import to_diffusers_lora
 
         base, export = Path(base), Path(export)
         for name, path in (("base snapshot", base), ("export", export)):
             if not path.is_dir():
                 raise FileNotFoundError(f"{name} {path} does not exist")
         info = read_export_info(export)
-        fold_time = fold_of(info, export) or 0.0
         lora = (export / DIFFUSERS_LORA_NAME).is_file()
-        extras = _apex_extras(export, "LoRA export" if lora else "export")
-        transformer_folder = base / "transformer" if lora else export
-        transformer = QwenImageTransformer2DModel.from_pretrained(
-            transformer_folder, torch_dtype=torch_dtype
-        )
+        if lora:
+            # the adapters without the fold's lora_B.bias (diffusers' loader may not read it):
+            # E1 stays the base's, so the hook adds all of t * E2(0)
+            fold_time = 0.0
+            adapters, alpha = read_lora_file(export / DIFFUSERS_LORA_NAME)
+            if alpha is None:
+                alpha = info.get("lora_alpha")
+            e2_state = _apex_extras(export, "LoRA export")
+            transformer = QwenImageTransformer2DModel.from_pretrained(
+                base / "transformer", torch_dtype=torch_dtype
+            )
+        else:
+            fold_time = fold_of(info, export) or 0.0
+            transformer, e2_state = stock_transformer(export, torch_dtype)
         scheduler_folder = base / "scheduler"
         scheduler = (
             FlowMatchEulerDiscreteScheduler.from_pretrained(scheduler_folder)
@@ -151,8 +199,9 @@ class ApexQwenImagePipeline(QwenImagePipeline):
             transformer=transformer,
         )
         if lora:
-            pipeline.load_lora_weights(export, weight_name=DIFFUSERS_LORA_NAME)
-        pipeline.set_student_embedding(target_embedding_at_zero(extras), fold_time)
+            # alpha / rank folded into lora_B: the state dict means W + (alpha / rank) B A
+            pipeline.load_lora_weights(to_diffusers_lora(adapters, alpha))
+        pipeline.set_student_embedding(target_embedding_at_zero(e2_state), fold_time)
         return pipeline
 
     def image_shape(self, height: int, width: int) -> tuple[int, int, int]:
