@@ -701,29 +701,36 @@ def _pretrained_of(run_config: Path) -> Optional[Path]:
 
 
 def _preparer(settings: Settings, run_config: Optional[Path], snapshot, device):
-    """The batch preparer of the run's config (or of a config naming the snapshot), for its
-    text encoder and image codec; and the run's data.resolution (None for exports)."""
+    """The batch preparer (text encoder and image codec) of a config that holds only what they
+    need: the preset (the run's, --preset, or DEFAULT_EXPORT_PRESET), the snapshot, the dtype
+    and the run's text length; and the run's data.resolution (None without a run). The rest of
+    a run's config (data paths, evaluation models) is not read, so a run moved to another
+    machine still generates."""
+    import yaml
+
     from apex_dist.config import load_config
     from apex_dist.data.prepare import BatchPreparer
 
-    overrides = [f"model.dtype={settings.dtype}"]
-    if snapshot is not None:
-        overrides.append(f"model.pretrained={snapshot}")
-    if settings.preset is not None:
-        overrides.append(f"model.preset={settings.preset}")
-    elif run_config is None:
-        overrides.append(f"model.preset={DEFAULT_EXPORT_PRESET}")
-    try:
-        config = load_config(run_config, overrides)
-    except ValueError as error:
-        raise GenerateError(f"the text encoder and image codec: {error}") from None
-    if config.model.pretrained is None:
+    recorded = yaml.safe_load(run_config.read_text()) if run_config is not None else {}
+    preset = settings.preset or _nested(recorded, "model", "preset") or DEFAULT_EXPORT_PRESET
+    if snapshot is None:
         raise GenerateError(
             "no snapshot for the text encoder and VAE: pass --base SNAPSHOT_DIR"
             + ("" if run_config is None else f" ({run_config} sets no model.pretrained)")
         )
-    resolution = config.data.resolution if run_config is not None else None
-    return BatchPreparer(config, device, 0), resolution
+    overrides = [
+        f"model.preset={preset}",
+        f"model.pretrained={snapshot}",
+        f"model.dtype={settings.dtype}",
+    ]
+    text_max_length = _nested(recorded, "model", "text_max_length")
+    if text_max_length is not None:
+        overrides.append(f"model.text_max_length={text_max_length}")
+    try:
+        config = load_config(None, overrides)
+    except ValueError as error:
+        raise GenerateError(f"the text encoder and image codec: {error}") from None
+    return BatchPreparer(config, device, 0), _nested(recorded, "data", "resolution")
 
 
 def build_generator(settings: Settings) -> Generator:
