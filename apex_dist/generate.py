@@ -681,6 +681,11 @@ class Generator:
         return self.images_made[which] / seconds if seconds > 0 else float("nan")
 
 
+def is_snapshot(path: Path) -> bool:
+    """A Hugging Face snapshot of the base model (transformer/config.json inside)."""
+    return (Path(path) / "transformer" / "config.json").is_file()
+
+
 def run_config_path(source: Path, tag: Optional[str]) -> Optional[Path]:
     """config.yaml of the checkpoint a run directory names (None when it has none)."""
     from apex_dist.export.deepspeed_checkpoint import resolve_tag_directory
@@ -744,6 +749,9 @@ def build_generator(settings: Settings) -> Generator:
             settings.source, settings.base, settings.tag, settings.weights, settings.dtype
         )
         run_config = student.run_config
+    elif settings.source is not None and is_snapshot(settings.source):
+        if settings.base is None:  # --teacher --source SNAPSHOT: the base model itself
+            settings.base = settings.source
     elif settings.source is not None and source_kind(settings.source) == SOURCE_RUN:
         run_config = run_config_path(settings.source, settings.tag)
     snapshot = settings.base or (student.snapshot if student is not None else None)

@@ -305,6 +305,11 @@ def test_compare_runs_student_and_teacher_and_prints_the_speed_up(tiny, tmp_path
     )  # fmt: skip
     assert code == 0, err
     assert "teacher: 1 images" in printed
+    # as docs/evaluation.md writes it: the snapshot as --source of the teacher
+    teacher = generate.generator_from_arguments(
+        ["--source", str(tiny["snapshot"]), "--teacher", "--teacher-steps", "2"]
+    )
+    assert teacher.student is None and teacher.size == (1024, 1024)
 
 
 def _errors(tiny, tmp_path):
