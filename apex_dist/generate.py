@@ -38,6 +38,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from apex_dist.models.velocity import VelocityModelAdapter
+
 logger = logging.getLogger("apex_dist")
 
 # Student numbers of function evaluations the sampler's grids are tuned for (method.md).
@@ -52,8 +54,10 @@ DEFAULT_RESOLUTION = 1024
 # Preset assumed for exports when --preset is not given (the family decides the image codec;
 # the architecture itself always comes from the files).
 DEFAULT_EXPORT_PRESET = "qwen-image-20b"
-# Columns of one contact sheet; more images go to further sheets.
+# Columns of one contact sheet (more images go to further sheets), and the longest side of an
+# image on a sheet (larger images are shrunk, so that a sheet of 1024-pixel images stays small).
 SHEET_COLUMNS = 8
+SHEET_CELL_PIXELS = 256
 SOURCE_RUN, SOURCE_EXPORT, SOURCE_LORA_EXPORT = "run", "export", "lora export"
 DTYPE_NAMES = ("fp32", "bf16")
 
@@ -124,6 +128,7 @@ def load_student(
     tag: Optional[str] = None,
     weights: str = "trained",
     dtype: str = "fp32",
+    lora_alpha: Optional[float] = None,
 ) -> LoadedModel:
     """The student of `source` (a run directory, a full/merged export or a LoRA export with
     `base`), on the CPU in `dtype`, fold undone (module doc).
@@ -141,11 +146,11 @@ def load_student(
     kind = source_kind(source)
     try:
         if kind == SOURCE_RUN:
-            loaded = _load_run(source, base, tag, weights, dtype)
+            loaded = _load_run(source, base, tag, weights, dtype, lora_alpha)
         elif kind == SOURCE_EXPORT:
             loaded = _load_export(source, base, dtype)
         else:
-            loaded = _load_lora_export(source, base, dtype)
+            loaded = _load_lora_export(source, base, dtype, lora_alpha)
     except _user_errors() as error:
         raise GenerateError(str(error)) from None
     loaded.model.eval().requires_grad_(False)
@@ -214,7 +219,12 @@ def merge_lora_(
 
 
 def _load_run(
-    source: Path, base: Optional[Path], tag: Optional[str], weights: str, dtype: str
+    source: Path,
+    base: Optional[Path],
+    tag: Optional[str],
+    weights: str,
+    dtype: str,
+    lora_alpha: Optional[float],
 ) -> LoadedModel:
     """A run directory (or its checkpoints/ or a tag directory), read without DeepSpeed."""
     from apex_dist.export.convert import ExportOptions, _checked_base, _lora_alpha, plan_export
@@ -252,7 +262,7 @@ def _load_run(
         state = {name: _cast(tensor.read(), torch_dtype) for name, tensor in sources.items()}
         model.load_state_dict(state, strict=False)
         first = next(iter(plan.lora_modules.values()))
-        alpha = _lora_alpha(checkpoint, ExportOptions(), first.rank)
+        alpha = _lora_alpha(checkpoint, ExportOptions(lora_alpha=lora_alpha), first.rank)
         adapters = {
             name: (module.down.read(), module.up.read())
             for name, module in plan.lora_modules.items()
@@ -315,7 +325,7 @@ def fold_of(info: dict, directory: Path) -> Optional[float]:
     return float(fold["time"])
 
 
-def _apex_extras(directory: Path, what: str) -> dict[str, Tensor]:
+def read_apex_extras(directory: Path, what: str) -> dict[str, Tensor]:
     """E2 (and the condition shift) of an export's apex_extra_weights.safetensors, or a
     GenerateError saying the export is not a student without it."""
     from safetensors.torch import load_file
@@ -361,7 +371,7 @@ def _load_export(directory: Path, base: Optional[Path], dtype: str) -> LoadedMod
     model = build_transformer(directory)
     absent = load_transformer_weights(model, directory, dtype)
     if any(key in absent for key in E2_KEYS):
-        e2_state = _apex_extras(directory, "export")
+        e2_state = read_apex_extras(directory, "export")
         _load_e2(model, e2_state)
     else:
         e2_state = {key: tensor.detach().float() for key, tensor in model.state_dict().items()}
@@ -415,7 +425,9 @@ def read_lora_file(path: Path) -> tuple[dict[str, Tensor], Optional[float]]:
         raise GenerateError(f"{path}: {error}") from None
 
 
-def _load_lora_export(directory: Path, base: Optional[Path], dtype: str) -> LoadedModel:
+def _load_lora_export(
+    directory: Path, base: Optional[Path], dtype: str, lora_alpha: Optional[float]
+) -> LoadedModel:
     """A LoRA export on its base snapshot: W + (alpha / rank) B A, E2 from the extras."""
     from apex_dist.export.convert import DIFFUSERS_LORA_NAME
     from apex_dist.models.loading import load_pretrained_transformer
@@ -428,14 +440,15 @@ def _load_lora_export(directory: Path, base: Optional[Path], dtype: str) -> Load
     info = read_export_info(directory)
     fold_time = fold_of(info, directory)
     adapters, alpha = read_lora_file(directory / DIFFUSERS_LORA_NAME)
+    alpha = lora_alpha if lora_alpha is not None else alpha
     if alpha is None:
         alpha = info.get("lora_alpha")
     if alpha is None:
         raise GenerateError(
             f"{directory / DIFFUSERS_LORA_NAME} names no LoRA alpha (no lora_adapter_metadata) "
-            "and export_info.json has no lora_alpha"
+            "and export_info.json has no lora_alpha: pass --lora-alpha (the run's alpha)"
         )
-    e2_state = _apex_extras(directory, "LoRA export")
+    e2_state = read_apex_extras(directory, "LoRA export")
     model = load_pretrained_transformer(base, dtype)
     _load_e2(model, e2_state)
     modules = {}
@@ -479,6 +492,7 @@ class Settings:
     base: Optional[Path] = None
     tag: Optional[str] = None
     weights: str = "trained"
+    lora_alpha: Optional[float] = None
     teacher: bool = False
     compare: bool = False
     preset: Optional[str] = None
@@ -576,6 +590,12 @@ class Generator:
         self.device = device
         self.latent_shape = preparer.geometry.latent_shape(*size)
         self.image_shape = preparer.geometry.image_shape(*size)
+        # inputs cast to the model's dtype, velocities returned in fp32 (as in training)
+        self.velocity = {
+            which: VelocityModelAdapter(loaded.model, _torch_dtype(settings.dtype))
+            for which, loaded in (("student", student), ("teacher", teacher))
+            if loaded is not None
+        }
         self.seconds: dict[str, float] = {"student": 0.0, "teacher": 0.0}
         self.images_made: dict[str, int] = {"student": 0, "teacher": 0}
 
@@ -596,6 +616,7 @@ class Generator:
             pictures += self.decode(latents)
         return pictures
 
+    @torch.no_grad()
     def latents(self, prompts: list[str], seeds: list[int], which: str) -> Tensor:
         """Sampled latents (B, N, C) of one batch, timed per model."""
         from apex_dist.method import sample, sample_euler
@@ -608,7 +629,7 @@ class Generator:
         started = time.perf_counter()
         if which == "student":
             latents = sample(
-                self.student.model,
+                self.velocity["student"],
                 noise,
                 text,
                 mask,
@@ -621,7 +642,7 @@ class Generator:
                 self.settings.negative_prompt
             )
             latents = sample_euler(
-                self.teacher.model,
+                self.velocity["teacher"],
                 noise,
                 text,
                 mask,
@@ -637,6 +658,7 @@ class Generator:
         self.images_made[which] += len(prompts)
         return latents
 
+    @torch.no_grad()
     def decode(self, latents: Tensor) -> list:
         """Latents -> PIL images (the VAE or the pixel codec)."""
         from PIL import Image
@@ -662,6 +684,7 @@ class Generator:
             )
         return chunks
 
+    @torch.no_grad()
     def warm_up(self, which: str, prompt: str) -> None:
         """One untimed pass of `which` (kernels, allocator), so that timings measure sampling."""
         from apex_dist.method import sample, sample_euler
@@ -670,10 +693,10 @@ class Generator:
         text, mask, _ = self.preparer.encode_prompts([prompt])
         text, mask = text.to(self.device), mask.to(self.device)
         if which == "student":
-            sample(self.student.model, noise, text, mask, nfe=1, image_shape=self.image_shape)
+            sample(self.velocity[which], noise, text, mask, nfe=1, image_shape=self.image_shape)
         else:
             sample_euler(
-                self.teacher.model, noise, text, mask, steps=1, image_shape=self.image_shape
+                self.velocity[which], noise, text, mask, steps=1, image_shape=self.image_shape
             )
 
     def per_second(self, which: str) -> float:
@@ -746,7 +769,12 @@ def build_generator(settings: Settings) -> Generator:
     run_config = None
     if settings.source is not None and not (settings.teacher and not settings.compare):
         student = load_student(
-            settings.source, settings.base, settings.tag, settings.weights, settings.dtype
+            settings.source,
+            settings.base,
+            settings.tag,
+            settings.weights,
+            settings.dtype,
+            settings.lora_alpha,
         )
         run_config = student.run_config
     elif settings.source is not None and is_snapshot(settings.source):
@@ -813,6 +841,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", choices=("trained", "ema"), default="trained", help="a run's weights"
     )
     parser.add_argument(
+        "--lora-alpha",
+        type=float,
+        help="LoRA alpha, over the one of the run's config.yaml or the LoRA file (needed when "
+        "neither names it)",
+    )
+    parser.add_argument(
         "--teacher", action="store_true", help="generate with the base model (Euler + CFG)"
     )
     parser.add_argument(
@@ -874,6 +908,7 @@ def settings_from(arguments: argparse.Namespace) -> Settings:
         base=arguments.base,
         tag=arguments.tag,
         weights=arguments.weights,
+        lora_alpha=arguments.lora_alpha,
         teacher=arguments.teacher,
         compare=arguments.compare,
         preset=arguments.preset,
@@ -941,7 +976,9 @@ def write_contact_sheets(
     from apex_dist.validation import save_labelled_grid
 
     def as_tensor(picture) -> Tensor:
-        return torch.from_numpy(numpy.array(picture.convert("RGB"))).permute(2, 0, 1) / 255.0
+        thumbnail = picture.convert("RGB")
+        thumbnail.thumbnail((SHEET_CELL_PIXELS, SHEET_CELL_PIXELS))
+        return torch.from_numpy(numpy.array(thumbnail)).permute(2, 0, 1) / 255.0
 
     starts = range(0, len(captions), SHEET_COLUMNS)
     paths = []

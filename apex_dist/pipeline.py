@@ -75,7 +75,7 @@ def stock_transformer(export: Path, torch_dtype: torch.dtype):
     from diffusers import QwenImageTransformer2DModel
     from safetensors import safe_open
 
-    from apex_dist.generate import _apex_extras
+    from apex_dist.generate import read_apex_extras
     from apex_dist.models.conditioning import is_apex_key
     from apex_dist.models.fold import E2_KEYS
     from apex_dist.models.loading import read_transformer_config, weight_files
@@ -87,7 +87,7 @@ def stock_transformer(export: Path, torch_dtype: torch.dtype):
             names += list(handle.keys())
     if not any(is_apex_key(name) for name in names):
         transformer = QwenImageTransformer2DModel.from_pretrained(export, torch_dtype=torch_dtype)
-        return transformer, _apex_extras(export, "export")
+        return transformer, read_apex_extras(export, "export")
     state, e2_state = {}, {}
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
@@ -97,7 +97,7 @@ def stock_transformer(export: Path, torch_dtype: torch.dtype):
                 elif not is_apex_key(name):
                     state[name] = handle.get_tensor(name)
     if len(e2_state) != len(E2_KEYS):
-        e2_state = _apex_extras(export, "export")
+        e2_state = read_apex_extras(export, "export")
     transformer = QwenImageTransformer2DModel.from_config(read_transformer_config(export))
     transformer.load_state_dict(state, strict=True)
     return transformer.to(torch_dtype).eval(), e2_state
@@ -159,7 +159,7 @@ class ApexQwenImagePipeline(QwenImagePipeline):
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         from apex_dist.export.convert import DIFFUSERS_LORA_NAME
-        from apex_dist.generate import _apex_extras, fold_of, read_export_info, read_lora_file
+        from apex_dist.generate import fold_of, read_apex_extras, read_export_info, read_lora_file
         from apex_dist.models.fold import target_embedding_at_zero
         from apex_dist.models.lora import to_diffusers_lora
 
@@ -176,7 +176,7 @@ class ApexQwenImagePipeline(QwenImagePipeline):
             adapters, alpha = read_lora_file(export / DIFFUSERS_LORA_NAME)
             if alpha is None:
                 alpha = info.get("lora_alpha")
-            e2_state = _apex_extras(export, "LoRA export")
+            e2_state = read_apex_extras(export, "LoRA export")
             transformer = QwenImageTransformer2DModel.from_pretrained(
                 base / "transformer", torch_dtype=torch_dtype
             )
