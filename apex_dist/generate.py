@@ -350,13 +350,13 @@ def read_apex_extras(directory: Path, what: str) -> dict[str, Tensor]:
     return extras
 
 
-def _load_e2(model: torch.nn.Module, e2_state: Mapping[str, Tensor]) -> None:
-    from apex_dist.models.fold import E2_KEYS
-
-    parameters = dict(model.named_parameters())
+def _load_apex_tensors(model: torch.nn.Module, extras: Mapping[str, Tensor]) -> None:
+    """E2 and, when the extras hold it, a learnable condition shift, copied into `model`."""
+    tensors = model.state_dict()
     with torch.no_grad():
-        for key in E2_KEYS:
-            parameters[key].copy_(e2_state[key])
+        for key, value in extras.items():
+            if key in tensors:
+                tensors[key].copy_(value)
 
 
 def _load_export(directory: Path, base: Optional[Path], dtype: str) -> LoadedModel:
@@ -372,7 +372,7 @@ def _load_export(directory: Path, base: Optional[Path], dtype: str) -> LoadedMod
     absent = load_transformer_weights(model, directory, dtype)
     if any(key in absent for key in E2_KEYS):
         e2_state = read_apex_extras(directory, "export")
-        _load_e2(model, e2_state)
+        _load_apex_tensors(model, e2_state)
     else:
         e2_state = {key: tensor.detach().float() for key, tensor in model.state_dict().items()}
     if fold_time is not None:
@@ -450,7 +450,7 @@ def _load_lora_export(
         )
     e2_state = read_apex_extras(directory, "LoRA export")
     model = load_pretrained_transformer(base, dtype)
-    _load_e2(model, e2_state)
+    _load_apex_tensors(model, e2_state)
     modules = {}
     for key, tensor in adapters.items():
         module, side = key.rsplit(".lora_", 1)
@@ -745,6 +745,11 @@ def _preparer(settings: Settings, run_config: Optional[Path], snapshot, device):
         raise GenerateError(
             "no snapshot for the text encoder and VAE: pass --base SNAPSHOT_DIR"
             + ("" if run_config is None else f" ({run_config} sets no model.pretrained)")
+        )
+    if not Path(snapshot).is_dir():
+        raise GenerateError(
+            f"the snapshot {snapshot} (model.pretrained of {run_config}) does not exist on this "
+            "machine: pass --base SNAPSHOT_DIR with the text encoder and VAE"
         )
     overrides = [
         f"model.preset={preset}",

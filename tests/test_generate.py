@@ -346,6 +346,16 @@ def test_user_errors_exit_2_with_a_message_that_names_the_problem(tiny, tmp_path
         assert "Traceback" not in err and err.startswith("apex-generate: error:")
     code, _, err = run_tool(["--source", tiny["lora_run"]], capsys)
     assert code == 2 and "no prompts" in err
+    # a run moved to a machine without its snapshot: --base gives the encoders
+    moved = tmp_path / "moved_run"
+    shutil.copytree(tiny["full_run"], moved)
+    config = moved / "checkpoints" / "step_00000001" / "config.yaml"
+    config.write_text(config.read_text().replace(str(tiny["snapshot"]), str(tmp_path / "gone")))
+    code, _, err = run_tool(["a cat", "--source", moved, "--out", tmp_path / "m"], capsys)
+    assert code == 2 and "does not exist on this machine: pass --base" in err
+    command = ["a cat", "--source", moved, "--base", tiny["snapshot"], "--out", tmp_path / "m"]
+    code, _, err = run_tool(command, capsys)
+    assert code == 0, err
     _, _, err = run_tool(["a cat", "--source", tiny["plain"], "--base", tiny["snapshot"]], capsys)
     assert "not a student" in err
 
