@@ -75,7 +75,7 @@ def stock_transformer(export: Path, torch_dtype: torch.dtype):
     from diffusers import QwenImageTransformer2DModel
     from safetensors import safe_open
 
-    from apex_dist.generate import read_apex_extras
+    from apex_dist.export.student import read_apex_extras
     from apex_dist.models.conditioning import is_apex_key
     from apex_dist.models.fold import E2_KEYS
     from apex_dist.models.loading import read_transformer_config, weight_files
@@ -159,7 +159,12 @@ class ApexQwenImagePipeline(QwenImagePipeline):
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         from apex_dist.export.convert import DIFFUSERS_LORA_NAME
-        from apex_dist.generate import fold_of, read_apex_extras, read_export_info, read_lora_file
+        from apex_dist.export.student import (
+            fold_of,
+            read_apex_extras,
+            read_export_info,
+            read_lora_file,
+        )
         from apex_dist.models.fold import target_embedding_at_zero
         from apex_dist.models.lora import to_diffusers_lora
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from apex_dist import generate
+from apex_dist.export import student as sources
 from apex_dist.export.convert import (
     APEX_EXTRA_NAME,
     DIFFUSERS_LORA_NAME,
@@ -180,10 +181,10 @@ def _assert_same_student(first, second) -> None:
 
 def test_every_source_loads_the_same_student(tiny):
     snapshot = tiny["snapshot"]
-    from_run = generate.load_student(tiny["lora_run"])
-    assert from_run.kind == generate.SOURCE_RUN and from_run.snapshot == snapshot
+    from_run = sources.load_student(tiny["lora_run"])
+    assert from_run.kind == sources.SOURCE_RUN and from_run.snapshot == snapshot
     # the LoRA changed the base and E2 is the run's own, not E1
-    base = generate.load_teacher(snapshot)
+    base = sources.load_teacher(snapshot)
     merged_module = f"{FOLD_MODULE}.weight"
     assert not torch.equal(_state(from_run)[merged_module], _state(base)[merged_module])
     assert not torch.equal(
@@ -191,17 +192,17 @@ def test_every_source_loads_the_same_student(tiny):
         _state(from_run)["time_text_embed.timestep_embedder.linear_1.weight"],
     )
     for name in ("merged", "merged_folded"):
-        loaded = generate.load_student(tiny[name])
-        assert loaded.kind == generate.SOURCE_EXPORT
+        loaded = sources.load_student(tiny[name])
+        assert loaded.kind == sources.SOURCE_EXPORT
         _assert_same_student(from_run, loaded)
     for name in ("lora", "lora_folded"):
-        loaded = generate.load_student(tiny[name], base=snapshot)
-        assert loaded.kind == generate.SOURCE_LORA_EXPORT
+        loaded = sources.load_student(tiny[name], base=snapshot)
+        assert loaded.kind == sources.SOURCE_LORA_EXPORT
         _assert_same_student(from_run, loaded)
-    folded = generate.load_student(tiny["merged_folded"])
+    folded = sources.load_student(tiny["merged_folded"])
     assert folded.details["fold"] == FOLD_TIME and "undone" in folded.description
     # the full run: built from the run's config, every tensor from the checkpoint
-    full = generate.load_student(tiny["full_run"], weights="trained", tag="step_00000001")
+    full = sources.load_student(tiny["full_run"], weights="trained", tag="step_00000001")
     assert full.details["tag"] == "step_00000001"
     assert not any(tensor.is_meta for tensor in full.model.state_dict().values())
 
@@ -404,7 +405,7 @@ def test_pipeline_reproduces_the_sampler_at_2_and_4_nfe(tiny, export):
     from apex_dist.method import sample
     from apex_dist.pipeline import ApexQwenImagePipeline
 
-    student = generate.load_student(tiny["lora_run"])
+    student = sources.load_student(tiny["lora_run"])
     pipeline = ApexQwenImagePipeline.from_export(tiny["snapshot"], tiny[export])
     image_shape = (1, 2, 3)
     side = pipeline.vae_scale_factor * 2
