@@ -26,6 +26,7 @@ from apex_dist import generate
 from apex_dist.export import student as sources
 from apex_dist.export.convert import (
     APEX_EXTRA_NAME,
+    DIFFUSERS_LORA_METADATA_KEY,
     DIFFUSERS_LORA_NAME,
     DIFFUSERS_WEIGHTS_NAME,
     EXPORT_INFO_NAME,
@@ -157,6 +158,10 @@ def fold_lora_export(source: Path, target: Path) -> Path:
             bias_key = key.removesuffix(".weight") + ".bias"
             tensors[bias_key] = torch.zeros(tensors[key].shape[0])
     tensors[fold_up.removesuffix(".weight") + ".bias"] = offset * LORA_RANK / LORA_ALPHA
+    # diffusers builds its LoraConfig from this header when present: lora_bias must be in it
+    adapter = json.loads(metadata[DIFFUSERS_LORA_METADATA_KEY])
+    adapter["transformer.lora_bias"] = True
+    metadata = {**metadata, DIFFUSERS_LORA_METADATA_KEY: json.dumps(adapter, sort_keys=True)}
     save_file(tensors, str(target / DIFFUSERS_LORA_NAME), metadata)
     _fold_info(source, target)
     return target
@@ -442,3 +447,44 @@ def test_pipeline_reproduces_the_sampler_at_2_and_4_nfe(tiny, export):
         num_inference_steps=2, generator=torch.Generator().manual_seed(1),
     ).images  # fmt: skip
     assert images[0].size == (width, height)
+
+
+@pytest.mark.parametrize("export", ["merged_folded", "lora_folded"])
+def test_stock_diffusers_is_the_student_at_one_step_with_a_folded_export(tiny, export):
+    """What a stock client runs: diffusers' own pipeline and loaders, no apex_dist code."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    snapshot = tiny["snapshot"]
+    lora = export == "lora_folded"
+    pipeline = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=AutoencoderKLQwenImage.from_pretrained(snapshot / "vae"),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(snapshot / "text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(snapshot / "tokenizer"),
+        transformer=QwenImageTransformer2DModel.from_pretrained(
+            snapshot / "transformer" if lora else tiny[export]
+        ),
+    )
+    if lora:
+        pipeline.load_lora_weights(tiny[export], weight_name=DIFFUSERS_LORA_NAME)
+    student = sources.load_student(tiny["lora_run"]).model
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, generator=generator)
+    text = torch.randn(2, 3, 32, generator=generator)
+    one = torch.ones(2)  # ONE_STEP_TIME, the fold time
+    expected = student(x, one, torch.zeros(2), text, None, None, image_shape=(1, 2, 2))
+    with torch.no_grad():
+        velocity = pipeline.transformer(
+            hidden_states=x,
+            timestep=one,
+            encoder_hidden_states=text,
+            img_shapes=[[(1, 2, 2)]] * 2,
+            return_dict=False,
+        )[0]
+    assert float((velocity - expected).norm() / expected.norm()) < PIPELINE_TOLERANCE
