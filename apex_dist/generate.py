@@ -28,6 +28,7 @@ from torch import Tensor
 
 from apex_dist.export.student import (
     DTYPE_NAMES,
+    SOURCE_LORA_EXPORT,
     SOURCE_RUN,
     LoadedModel,
     SourceError,
@@ -329,43 +330,51 @@ def _preparer(settings: Settings, run_config: Optional[Path], snapshot, device):
 
 
 def build_generator(settings: Settings) -> Generator:
-    """Load what `settings` asks for and return the Generator (GenerateError on bad input)."""
+    """Load what `settings` asks for and return the Generator (GenerateError on bad input).
+
+    Cheap checks come first (options, paths, the run's config, the snapshot, the image size);
+    then each transformer is loaded and moved to the device before the next one is loaded, so
+    that the host holds one model at a time.
+    """
     settings.check()
     device = _device(settings.device)
-    student = teacher = None
+    source, snapshot = settings.source, settings.base
+    wants_student = source is not None and (settings.compare or not settings.teacher)
     run_config = None
-    if settings.source is not None and not (settings.teacher and not settings.compare):
+    if source is not None and snapshot is None and not wants_student and is_snapshot(source):
+        snapshot = source  # --teacher --source SNAPSHOT: the base model itself
+    elif source is not None:
+        kind = source_kind(source)
+        if kind == SOURCE_RUN:
+            run_config = run_config_path(source, settings.tag)
+        elif kind == SOURCE_LORA_EXPORT and snapshot is None:
+            raise GenerateError(
+                f"{source} is a LoRA export: it holds the adapters only; pass --base "
+                "SNAPSHOT_DIR with the model the LoRA was trained on"
+            )
+    if snapshot is None and run_config is not None:
+        snapshot = pretrained_of(run_config)
+    preparer, resolution = _preparer(settings, run_config, snapshot, device)
+    try:
+        size = image_size(settings, resolution)
+        preparer.geometry.image_shape(*size)
+    except ValueError as error:
+        raise GenerateError(f"image size: {error}") from None
+    student = teacher = None
+    if wants_student:
         student = load_student(
-            settings.source,
+            source,
             settings.base,
             settings.tag,
             settings.weights,
             settings.dtype,
             settings.lora_alpha,
         )
-        run_config = student.run_config
-    elif settings.source is not None and is_snapshot(settings.source):
-        if settings.base is None:  # --teacher --source SNAPSHOT: the base model itself
-            settings.base = settings.source
-    elif settings.source is not None and source_kind(settings.source) == SOURCE_RUN:
-        run_config = run_config_path(settings.source, settings.tag)
-    snapshot = settings.base or (student.snapshot if student is not None else None)
-    if snapshot is None and run_config is not None:
-        snapshot = pretrained_of(run_config)
+        student.model.to(device)
     if settings.teacher or settings.compare:
-        if snapshot is None:
-            raise GenerateError("--teacher needs --base SNAPSHOT_DIR (the base model)")
         teacher = load_teacher(snapshot, settings.dtype)
-    preparer, resolution = _preparer(settings, run_config, snapshot, device)
-    for loaded in (student, teacher):
-        if loaded is not None:
-            loaded.model.to(device)
-    try:
-        size = image_size(settings, resolution)
-        generator = Generator(settings, student, teacher, preparer, size, device)
-    except ValueError as error:
-        raise GenerateError(f"image size: {error}") from None
-    return generator
+        teacher.model.to(device)
+    return Generator(settings, student, teacher, preparer, size, device)
 
 
 # --------------------------------------------------------------------------------------------

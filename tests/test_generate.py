@@ -334,7 +334,7 @@ def _errors(tiny, tmp_path):
         (["--source", tmp_path / "missing"], "does not exist"),
         (["--source", empty_run], "not a DeepSpeed checkpoint directory"),
         (["--source", tiny["lora_run"], "--tag", "step_00000099"], "step_00000099"),
-        (["--source", tiny["lora"]], "--base"),
+        (["--source", tiny["lora"]], "is a LoRA export: it holds the adapters only; pass --base"),
         (["--source", tiny["lora"], "--base", wrong_base], "does not fit"),
         (["--source", tiny["lora_run"], "--base", wrong_base], "does not fit"),
         (["--source", tiny["plain"], "--base", tiny["snapshot"]], APEX_EXTRA_NAME),
