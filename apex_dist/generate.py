@@ -638,13 +638,14 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
             f"of sampling, {rate:.3f} images/s on {device}"
         )
     if settings.compare:
-        evaluations = settings.teacher_steps * (2 if settings.guidance_scale != 1 else 1)
+        guided = settings.guidance_scale != 1
+        evaluations = settings.teacher_steps * (2 if guided else 1)
         speedup = measured["teacher_seconds"] / max(measured["student_seconds"], 1e-12)
         measured.update({"speedup": speedup, "evaluation_ratio": evaluations / settings.nfe})
+        teacher = f"{settings.teacher_steps} steps" + (" x 2 for CFG" if guided else ", no CFG")
         print(
             f"speed-up: {speedup:.1f}x measured (student {settings.nfe} NFE vs teacher "
-            f"{settings.teacher_steps} steps x {evaluations // settings.teacher_steps} for CFG; "
-            f"{evaluations / settings.nfe:.0f}x fewer transformer evaluations)"
+            f"{teacher}; {evaluations / settings.nfe:.0f}x fewer transformer evaluations)"
         )
     written = len(jobs) * len(which_models)
     print(f"wrote {written} images and {len(sheets)} contact sheet(s) to {folder}")
