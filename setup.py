@@ -23,6 +23,7 @@ setup(
             "apex-convert-checkpoint=apex_tools.convert_checkpoint:main",
             "apex-quickstart=apex_tools.quickstart:main",
             "apex-eval=apex_tools.eval:main",
+            "apex-generate=apex_tools.generate:main",
         ],
     },
 )

@@ -148,3 +148,18 @@ def test_samplers_give_the_image_shape_to_every_model_call():
     sample_euler(Grid(), noise, text, mask, steps=3, image_shape=(1, 2, 2))
     assert shapes == [(1, 2, 2)] * 5
     sample(PointMass(torch.zeros(2, 3)), torch.randn(2, 3), text, mask)  # no keyword: none given
+
+
+def test_fresh_noise_per_row_generators_make_each_row_its_own():
+    from apex_dist.method.sampler import fresh_noise
+
+    like = torch.zeros(3, 5, 7)
+    rows = fresh_noise(like, [torch.Generator().manual_seed(seed) for seed in (4, 5, 6)])
+    for index, seed in enumerate((4, 5, 6)):
+        alone = torch.randn(5, 7, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(rows[index], alone)
+    # one generator: one draw of the whole tensor, as before per-row generators existed
+    whole = fresh_noise(like, torch.Generator().manual_seed(4))
+    assert torch.equal(whole, torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(4)))
+    with pytest.raises(ValueError, match="one per row"):
+        fresh_noise(like, [torch.Generator()])

@@ -39,6 +39,7 @@ from apex_dist.distributed.runtime import RankInfo, logger
 from apex_dist.distributed.safe_loading import install_guarded_engine
 from apex_dist.distributed.shadow import ShadowWeights
 from apex_dist.method import build_objective
+from apex_dist.models.velocity import VelocityModelAdapter
 
 # Prefix DeepSpeed-free names keep: parameter names are the module's own (no "module.").
 SHADOW_PREFIXES = {"ema": "ema", "frozen_base": "frozen"}
@@ -99,49 +100,7 @@ def load_initial_state(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# calling the model
-
-
-class VelocityModelAdapter:
-    """The velocity-model interface over the training module.
-
-    Casts floating inputs to the model's compute dtype, passes `image_shape` (Qwen-Image's
-    keyword; the objectives and samplers give the batch's) when one is given, and returns
-    float32. `forward` is the DeepSpeed engine for the student (its forward hooks drive ZeRO's
-    backward) or the bare module for references; `context` wraps every call (adapters switched
-    off, shadow weights swapped in).
-    """
-
-    def __init__(
-        self,
-        forward: Callable[..., Tensor],
-        dtype: torch.dtype,
-        context: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
-    ):
-        self.forward = forward
-        self.dtype = dtype
-        self.context = context
-
-    def __call__(
-        self, x_t, t, target_time, text, text_mask, fake_rows=None, image_shape=None
-    ) -> Tensor:
-        named = {} if image_shape is None else {"image_shape": image_shape}
-        scope = self.context() if self.context is not None else contextlib.nullcontext()
-        with scope:
-            velocity = self.forward(
-                x_t.to(self.dtype),
-                t,
-                target_time,
-                text.to(self.dtype),
-                text_mask,
-                fake_rows,
-                **named,
-            )
-        return velocity.float()
-
-
-# --------------------------------------------------------------------------------------------
-# the engine
+# the engine (the models are called through `apex_dist.models.velocity.VelocityModelAdapter`)
 
 
 @dataclass

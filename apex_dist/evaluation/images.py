@@ -21,7 +21,7 @@ a prompt that is not in the set is scored by CLIP score only.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
@@ -188,8 +188,11 @@ def image_seed(base_seed: int, prompt_index: int, sample_index: int, per_prompt:
     return base_seed + prompt_index * per_prompt + sample_index
 
 
-def save_png(image, path: Path, record: ImageRecord) -> None:
-    """`image` as PNG with its prompt, seed and metadata in text chunks, atomically."""
+def save_png(
+    image, path: Path, record: ImageRecord, settings: Optional[Mapping[str, str]] = None
+) -> None:
+    """`image` as PNG with its prompt, seed and metadata in text chunks, atomically; each
+    entry of `settings` (how the image was made) becomes a chunk of its own."""
     from PIL.PngImagePlugin import PngInfo
 
     from apex_dist.atomic import atomic_path
@@ -200,6 +203,10 @@ def save_png(image, path: Path, record: ImageRecord) -> None:
         info.add_text(SEED_CHUNK, str(record.seed))
     if record.spec is not None:
         info.add_text(SPEC_CHUNK, json.dumps(record.spec.to_json()))
+    for key, value in (settings or {}).items():
+        if key in (PROMPT_CHUNK, SEED_CHUNK, SPEC_CHUNK):
+            raise ValueError(f"setting {key!r} would overwrite the image's own {key} chunk")
+        info.add_text(key, str(value))
     with atomic_path(path) as temporary:
         image.save(temporary, format="PNG", pnginfo=info)
 

@@ -9,7 +9,8 @@ x = (1 - t_{i+1}) * x_hat + t_{i+1} * (sqrt(1 - s) * z_hat + sqrt(s) * eps).
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -44,6 +45,34 @@ def timestep_grid(nfe: int, gap: Optional[float] = None) -> list[float]:
     return grid
 
 
+# One generator for the whole batch, or one per row (each row's noise then depends only on it).
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def fresh_noise(like: Tensor, generator: Generators = None) -> Tensor:
+    """Standard normal noise with the shape, device and dtype of `like`.
+
+    None draws on `like`'s device; one generator draws the whole tensor on its own device
+    (a CPU generator also serves CUDA latents); a list of generators draws row i from generator
+    i, so that a row does not depend on the other rows of the batch (how `apex-generate` makes
+    an image depend only on its seed).
+    """
+    if generator is None:
+        return torch.randn(like.shape, device=like.device, dtype=like.dtype)
+    if isinstance(generator, torch.Generator):
+        noise = torch.randn(
+            like.shape, generator=generator, device=generator.device, dtype=like.dtype
+        )
+        return noise.to(like.device)
+    if len(generator) != like.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {like.shape[0]} rows: give one per row")
+    rows = [
+        torch.randn(like.shape[1:], generator=row, device=row.device, dtype=like.dtype)
+        for row in generator
+    ]
+    return torch.stack(rows).to(like.device)
+
+
 def _rows(value: float, like: Tensor) -> Tensor:
     return torch.full((like.shape[0],), value, device=like.device, dtype=torch.float32)
 
@@ -57,7 +86,7 @@ def sample(
     nfe: int = 1,
     stochastic_ratio: float = 1.0,
     gap: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     image_shape: Optional[ImageShape] = None,
 ) -> Tensor:
     """Few-step (1, 2, 4, ... NFE) sampling of a distilled model, without CFG.
@@ -69,7 +98,7 @@ def sample(
         nfe: number of network evaluations.
         stochastic_ratio: s, the share of fresh noise when re-noising (1: all fresh).
         gap: last noise level g of the grid (default per nfe: 2 -> 0.6, 4 -> 0.5).
-        generator: random generator for the fresh noise.
+        generator: random generator for the fresh noise, or one per row (`fresh_noise`).
         image_shape: (frames, h, w) token grid passed to every model call (Qwen-Image); None
             for models without images.
     """
@@ -86,7 +115,7 @@ def sample(
         if next_time == 0.0:
             return x_hat
         z_hat = noise_estimate(x, t, velocity)
-        fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        fresh = fresh_noise(x, generator)
         mixed_noise = (1 - stochastic_ratio) ** 0.5 * z_hat + stochastic_ratio**0.5 * fresh
         x = (1 - next_time) * x_hat + next_time * mixed_noise
     return x
