@@ -2,8 +2,8 @@
 
 A module fixture trains two tiny Qwen-Image runs for one step through the real launcher (a LoRA
 run and a full one, one process each, ZeRO-2 on one CPU rank) and exports the LoRA run as
-merged and LoRA files; folded exports (the one-step fold of `apex_dist.models.fold`) are made
-from those by hand. Every source must load the same student and give the same images.
+merged and LoRA files, raw and folded (the converter's default, `apex_dist.models.fold`). Every
+source must load the same student and give the same images.
 """
 
 from __future__ import annotations
@@ -19,22 +19,17 @@ import numpy
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from apex_dist import generate
 from apex_dist.export import student as sources
 from apex_dist.export.convert import (
     APEX_EXTRA_NAME,
-    DIFFUSERS_LORA_METADATA_KEY,
     DIFFUSERS_LORA_NAME,
-    DIFFUSERS_WEIGHTS_NAME,
-    EXPORT_INFO_NAME,
     ExportOptions,
     export_checkpoint,
 )
-from apex_dist.models.conditioning import is_apex_key
-from apex_dist.models.fold import E2_KEYS, FOLD_BIAS_KEY, FOLD_INFO_KEY, FOLD_MODULE, fold_offset
+from apex_dist.method.sampler import ONE_STEP_TIME
+from apex_dist.models.fold import E2_KEYS, FOLD_MODULE
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_RANK, LORA_ALPHA = 4, 8.0  # alpha != rank: a lost alpha / rank scale shows
@@ -97,14 +92,19 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     )
     full_run = train_tiny_run(ROOT / "configs" / "qwen_image_full.yaml", snapshot, root / "full")
     fp32 = {"dtype": "fp32"}
-    merged = root / "merged"
+    merged = root / "merged"  # raw, E2 kept in the model files
     export_checkpoint(
         lora_run, merged, ExportOptions(mode="merged", base=snapshot, keep_apex_keys=True, **fp32)
     )
+    merged_folded = root / "merged_folded"  # the converter's default: folded, E2 in the extras
+    export_checkpoint(lora_run, merged_folded, ExportOptions(mode="merged", base=snapshot, **fp32))
     lora = root / "lora"
-    export_checkpoint(lora_run, lora, ExportOptions(mode="lora", **fp32))
-    plain = root / "plain"  # a merged export without E2: not a student
-    export_checkpoint(lora_run, plain, ExportOptions(mode="merged", base=snapshot, **fp32))
+    export_checkpoint(lora_run, lora, ExportOptions(mode="lora", fold_time=None, **fp32))
+    lora_folded = root / "lora_folded"
+    export_checkpoint(lora_run, lora_folded, ExportOptions(mode="lora", **fp32))
+    plain = root / "plain"  # a folded merged export that lost its extras file: not a student
+    shutil.copytree(merged_folded, plain)
+    (plain / APEX_EXTRA_NAME).unlink()
     return {
         "snapshot": snapshot,
         "lora_run": lora_run,
@@ -112,59 +112,9 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         "merged": merged,
         "lora": lora,
         "plain": plain,
-        "merged_folded": fold_full_export(merged, root / "merged_folded"),
-        "lora_folded": fold_lora_export(lora, root / "lora_folded"),
+        "merged_folded": merged_folded,
+        "lora_folded": lora_folded,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# folded exports, as the fold writes them (export_info one_step_fold, E2 in the extras)
-
-FOLD_TIME = 1.0
-
-
-def _fold_info(source: Path, target: Path) -> None:
-    info = json.loads((source / EXPORT_INFO_NAME).read_text())
-    info[FOLD_INFO_KEY] = {"time": FOLD_TIME, "bias_key": FOLD_BIAS_KEY}
-    (target / EXPORT_INFO_NAME).write_text(json.dumps(info))
-
-
-def fold_full_export(source: Path, target: Path) -> Path:
-    """E1's bias + t* E2(0), no APEX keys in the model file, E2 in the extras file."""
-    target.mkdir()
-    shutil.copy(source / "config.json", target / "config.json")
-    state = load_file(str(source / DIFFUSERS_WEIGHTS_NAME))
-    extras = {key: tensor for key, tensor in state.items() if is_apex_key(key)}
-    model = {key: tensor for key, tensor in state.items() if not is_apex_key(key)}
-    model[FOLD_BIAS_KEY] = model[FOLD_BIAS_KEY] + fold_offset(extras, FOLD_TIME)
-    save_file(model, str(target / DIFFUSERS_WEIGHTS_NAME))
-    save_file(extras, str(target / APEX_EXTRA_NAME))
-    _fold_info(source, target)
-    return target
-
-
-def fold_lora_export(source: Path, target: Path) -> Path:
-    """The fold's offset as lora_B.bias (d * rank / alpha on E1's linear_2, zeros elsewhere)."""
-    target.mkdir()
-    shutil.copy(source / APEX_EXTRA_NAME, target / APEX_EXTRA_NAME)
-    with safe_open(str(source / DIFFUSERS_LORA_NAME), framework="pt") as handle:
-        metadata = handle.metadata()
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    offset = fold_offset(load_file(str(source / APEX_EXTRA_NAME)), FOLD_TIME)
-    fold_up = f"transformer.{FOLD_MODULE}.lora_B.weight"
-    assert fold_up in tensors, "the LoRA run must adapt E1's linear_2 (targets include time)"
-    for key in list(tensors):
-        if key.endswith(".lora_B.weight"):
-            bias_key = key.removesuffix(".weight") + ".bias"
-            tensors[bias_key] = torch.zeros(tensors[key].shape[0])
-    tensors[fold_up.removesuffix(".weight") + ".bias"] = offset * LORA_RANK / LORA_ALPHA
-    # diffusers builds its LoraConfig from this header when present: lora_bias must be in it
-    adapter = json.loads(metadata[DIFFUSERS_LORA_METADATA_KEY])
-    adapter["transformer.lora_bias"] = True
-    metadata = {**metadata, DIFFUSERS_LORA_METADATA_KEY: json.dumps(adapter, sort_keys=True)}
-    save_file(tensors, str(target / DIFFUSERS_LORA_NAME), metadata)
-    _fold_info(source, target)
-    return target
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +155,7 @@ def test_every_source_loads_the_same_student(tiny):
         assert loaded.kind == sources.SOURCE_LORA_EXPORT
         _assert_same_student(from_run, loaded)
     folded = sources.load_student(tiny["merged_folded"])
-    assert folded.details["fold"] == FOLD_TIME and "undone" in folded.description
+    assert folded.details["fold"] == ONE_STEP_TIME and "undone" in folded.description
     # the full run: built from the run's config, every tensor from the checkpoint
     full = sources.load_student(tiny["full_run"], weights="trained", tag="step_00000001")
     assert full.details["tag"] == "step_00000001"
