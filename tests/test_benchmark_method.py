@@ -19,7 +19,8 @@ settings = dataclasses.replace(
     sweep=("l2, dm 0.125, w 0",), teacher_sampling_steps=2,
 )
 bench.start_process_group(1)
-bench.run(Path(sys.argv[1]), settings, ["fm", "apex_v0 tuned"], Path(sys.argv[2]), "tiny")
+variants = ["fm", "apex_v0 tuned", "apex paper_form"]
+bench.run(Path(sys.argv[1]), settings, variants, Path(sys.argv[2]), "tiny")
 """
 
 
@@ -34,7 +35,7 @@ def test_tiny_benchmark_trains_changes_weights_and_writes_the_report(tmp_path):
         timeout=240,
     )
     record = json.loads((out / "results.json").read_text())
-    assert set(record["students"]) == {"fm", "apex_v0 tuned"}
+    assert set(record["students"]) == {"fm", "apex_v0 tuned", "apex paper_form"}
     assert record["variants"]["apex_v0 tuned"][1:] == [
         "method.loss.kind=l2",
         "method.guidance.ratio=0",

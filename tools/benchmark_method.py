@@ -19,7 +19,8 @@ shapes, scored exactly, on compositions held out of training) it:
    train-split prompts (never the held-out ones); the best scale is the teacher's row;
 4. sweep: `apex_v0` settings (loss kind, distribution-matching weight, guidance ratio) for one
    seed each, scored on train-split prompts; the best is the variant `apex_v0 tuned`;
-5. students: each variant for every seed, from the teacher's weights, scored on the held-out
+5. students (`fm`, `apex_v0 defaults`, `apex_v0 tuned`, `apex paper_form`): each for every
+   seed, from the teacher's weights, scored on the held-out
    prompts at 1, 2 and 4 NFE (and at 1 NFE every `--curve-every` steps for the curves);
 6. report: OUT/results.json, OUT/results.md (also written to --results, docs/results.md for
    the full run), OUT/curves.png (held-out score at 1 NFE against training step, per variant)
@@ -81,6 +82,16 @@ VARIANTS = {
     "fm": ["method.objective=fm"],
     "apex_v0 defaults": ["method.objective=apex_v0"],
 }
+# The paper-form reading of `apex` (method.md, "A second reading"); its lam ramps over the
+# whole run (`method.apex.mix_ramp_steps` is set to the student's steps).
+PAPER_FORM = [
+    "method.objective=apex",
+    "method.apex.reading=paper_form",
+    "method.apex.mix_time_weight=t_times_one_minus_t",
+    "method.condition_shift.learnable=true",
+    "method.loss.kind=l2",
+]
+LEARNABLE_SHIFT = "method.condition_shift.learnable=true"
 # The apex_v0 sweep (one seed each): loss kind, distribution-matching weight (0.125 is 0.5
 # normalised over all rows instead of the e2e quarter) and the guidance ratio.
 SWEEP = {
@@ -130,13 +141,13 @@ class Settings:
 
 
 FULL = Settings(
-    scenes=4096,
+    scenes=16384,
     shards=4,
-    teacher_steps=1500,
+    teacher_steps=4000,
     teacher_lr=1e-3,
     student_steps=300,
     student_lr=3e-4,
-    sweep_steps=150,
+    sweep_steps=120,
     micro_batch_size=32,
     seeds=3,
     per_task=24,
@@ -146,7 +157,7 @@ FULL = Settings(
 )
 QUICK = dataclasses.replace(
     FULL,
-    scenes=1024,
+    scenes=2048,
     shards=2,
     teacher_steps=300,
     student_steps=60,
@@ -177,6 +188,7 @@ def start_process_group(threads: int) -> None:
             "LOCAL_WORLD_SIZE": "1",
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(_free_port()),
+            "OMP_NUM_THREADS": str(threads),
         }
     )
     init_distributed()
@@ -454,8 +466,10 @@ def stage_students(
                 STUDENT_SEED_OFFSET + seed,
                 f"{slug(name)}_seed{seed}",
             )
-            before = state_of_subset(teacher_state)
-            module, curve, seconds = train(config, teacher_state, curve_prompts=held_out)
+            start = shift_as_learnable(teacher_state) if LEARNABLE_SHIFT in overrides else None
+            start = start or teacher_state
+            before = state_of_subset(start)
+            module, curve, seconds = train(config, start, curve_prompts=held_out)
             changed = weights_changed(before, module)
             row = {"seconds": seconds, "curve": curve, "weights_changed": changed}
             for nfe in STUDENT_NFES:
@@ -470,6 +484,15 @@ def stage_students(
             )
         results[name] = per_seed
     return results
+
+
+def shift_as_learnable(state: dict) -> dict:
+    """The teacher's state for a student with a learnable shift: a and b (the same config
+    values) as the one-element parameters that model holds instead of 0-dim buffers."""
+    return {
+        name: value.reshape(1) if name.startswith("condition_shift.") else value
+        for name, value in state.items()
+    }
 
 
 def state_of_subset(state: dict) -> dict:
@@ -653,6 +676,10 @@ def run(
     if settings.sweep:
         record["sweep"] = stage_sweep(out, settings, teacher_state, validation)
         chosen["apex_v0 tuned"] = ["method.objective=apex_v0", *record["sweep"]["overrides"]]
+    chosen["apex paper_form"] = [
+        *PAPER_FORM,
+        f"method.apex.mix_ramp_steps={settings.student_steps}",
+    ]
     if variants:
         chosen = {name: chosen[name] for name in variants}
     record["variants"] = chosen
@@ -677,12 +704,22 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also write the report here (e.g. docs/results.md)",
     )
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared CPU, more threads than free cores are far slower)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="student seeds (default: mode's)")
     parser.add_argument("--student-steps", type=int, default=None, help="steps per student")
     parser.add_argument("--teacher-steps", type=int, default=None, help="teacher fm steps")
     parser.add_argument("--no-sweep", action="store_true", help="skip the apex_v0 sweep")
-    parser.add_argument("--variants", nargs="+", default=None, help="students to run")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="students to run (default: fm, apex_v0 defaults, apex_v0 tuned, apex paper_form)",
+    )
     arguments = parser.parse_args(argv)
     settings = QUICK if arguments.quick else FULL
     changes = {
