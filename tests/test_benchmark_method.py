@@ -24,7 +24,7 @@ bench.run(Path(sys.argv[1]), settings, variants, Path(sys.argv[2]), "tiny")
 """
 
 
-def test_tiny_benchmark_trains_changes_weights_and_writes_the_report(tmp_path):
+def test_tiny_benchmark_trains_changes_weights_writes_the_report_and_resumes(tmp_path):
     out, report = tmp_path / "bench", tmp_path / "results.md"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
@@ -52,3 +52,14 @@ def test_tiny_benchmark_trains_changes_weights_and_writes_the_report(tmp_path):
     assert (out / "results.md").read_text() == text
     for name in ("curves.png", "grids/teacher_2_steps.png", "grids/fm_1_NFE.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # a second call trains nothing: the teacher, sweep runs and students are read back
+    subprocess.run(
+        [sys.executable, "-c", TINY_RUN, str(out), str(report)],
+        cwd=ROOT,
+        env=environment,
+        check=True,
+        timeout=240,
+    )
+    again = json.loads((out / "results.json").read_text())
+    assert again["students"] == record["students"] and again["sweep"] == record["sweep"]
+    assert again["stages"]["teacher"]["skipped"]

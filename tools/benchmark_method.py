@@ -28,6 +28,8 @@ shapes, scored exactly, on compositions held out of training) it:
 
 Every run is one `apex_dist.trainer.Trainer` run in this process (one rank, ZeRO-2), the loop
 of real training: the WebDataset stream of precomputed shards, the engine, AdamW, clipping.
+Each finished sweep run and student is kept as JSON under OUT/sweep and OUT/students (and the
+teacher as OUT/teacher_state.pt), so running the same command again continues where it stopped.
 """
 
 from __future__ import annotations
@@ -433,6 +435,10 @@ def stage_guidance(teacher, settings: Settings, validation: Prompts) -> dict:
 def stage_sweep(out: Path, settings: Settings, teacher_state: dict, validation: Prompts) -> dict:
     scores = {}
     for name in settings.sweep:
+        cached = out / "sweep" / f"{slug(name)}.json"
+        if cached.is_file():
+            scores[name] = json.loads(cached.read_text())["score"]
+            continue
         config = build_config(
             out,
             settings,
@@ -445,6 +451,7 @@ def stage_sweep(out: Path, settings: Settings, teacher_state: dict, validation: 
         module, _, seconds = train(config, teacher_state)
         images = run_sampler(module, validation, "student", 1)
         scores[name] = score(images, validation)["overall"]
+        write_json(cached, {"score": scores[name], "seconds": seconds})
         log(f"sweep {name}: train-split score at 1 NFE {scores[name]:.3f} ({seconds:.0f} s)")
     best = max(scores, key=scores.get)
     return {"scores": scores, "best": best, "overrides": SWEEP[best]}
@@ -457,6 +464,10 @@ def stage_students(
     for name, overrides in variants.items():
         per_seed = []
         for seed in range(settings.seeds):
+            cached = out / "students" / f"{slug(name)}_seed{seed}.json"
+            if cached.is_file():
+                per_seed.append(json.loads(cached.read_text()))
+                continue
             config = build_config(
                 out,
                 settings,
@@ -478,6 +489,7 @@ def stage_students(
                 if seed == 0:
                     save_grid(images, out / "grids" / f"{slug(name)}_{nfe}_NFE.png")
             per_seed.append(row)
+            write_json(cached, row)
             log(
                 f"{name} seed {seed}: 1 NFE held-out {row['1 NFE']['overall']:.3f} "
                 f"({seconds:.0f} s)"
@@ -493,6 +505,12 @@ def shift_as_learnable(state: dict) -> dict:
         name: value.reshape(1) if name.startswith("condition_shift.") else value
         for name, value in state.items()
     }
+
+
+def write_json(path: Path, value) -> None:
+    """`value` as JSON at `path` (a finished run's result, read back when the tool reruns)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, default=str))
 
 
 def state_of_subset(state: dict) -> dict:
