@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from apex_tools import benchmark_method as bench
+
 ROOT = Path(__file__).resolve().parents[1]
 # The whole pipeline at a size that decides nothing: a 2-step teacher, one 2-step student of
 # each kind asked for, one prompt per task, 2-step teacher sampling.
@@ -52,7 +54,9 @@ def test_tiny_benchmark_trains_changes_weights_writes_the_report_and_resumes(tmp
     assert (out / "results.md").read_text() == text
     for name in ("curves.png", "grids/teacher_2_steps.png", "grids/fm_1_NFE.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
-    # a second call trains nothing: the teacher, sweep runs and students are read back
+    # a second call trains nothing: the teacher, sweep runs and students are read back; it
+    # replaces only the generated part of the results file
+    report.write_text(f"intro\n{bench.REPORT_START}\nstale table\n{bench.REPORT_END}\nanalysis\n")
     subprocess.run(
         [sys.executable, "-c", TINY_RUN, str(out), str(report)],
         cwd=ROOT,
@@ -63,3 +67,6 @@ def test_tiny_benchmark_trains_changes_weights_writes_the_report_and_resumes(tmp
     again = json.loads((out / "results.json").read_text())
     assert again["students"] == record["students"] and again["sweep"] == record["sweep"]
     assert again["stages"]["teacher"]["skipped"]
+    rewritten = report.read_text()
+    assert rewritten.startswith(f"intro\n{bench.REPORT_START}\nCommand: `tiny`")
+    assert rewritten.endswith(f"{bench.REPORT_END}\nanalysis\n") and "stale table" not in rewritten
