@@ -23,7 +23,8 @@ shapes, scored exactly, on compositions held out of training) it:
    seed, from the teacher's weights, scored on the held-out
    prompts at 1, 2 and 4 NFE (and at 1 NFE every `--curve-every` steps for the curves);
 6. report: OUT/results.json, OUT/results.md (also written to --results, docs/results.md for
-   the full run), OUT/curves.png (held-out score at 1 NFE against training step, per variant)
+   the full run), OUT/curves.png and curves_checks.png (held-out score and fraction of checks passed
+   at 1 NFE against training step, per variant)
    and OUT/grids/*.png (the same held-out prompts and noise for each sampler).
 
 Every run is one `apex_dist.trainer.Trainer` run in this process (one rank, ZeRO-2), the loop
@@ -150,15 +151,15 @@ FULL = Settings(
     shards=4,
     teacher_steps=4000,
     teacher_lr=1e-3,
-    student_steps=300,
+    student_steps=600,
     student_lr=3e-4,
-    sweep_steps=120,
+    sweep_steps=200,
     micro_batch_size=32,
     seeds=3,
     per_task=24,
-    curve_every=50,
+    curve_every=100,
     guidance_scales=(1.0, 2.0, 3.0, 4.5),
-    sweep=tuple(SWEEP),
+    sweep=("l2, dm 0.5, w 0", "l2, dm 0.125, w 0", "l2, dm 0.125, w 0.5", "robust, dm 0.125, w 0"),
 )
 QUICK = dataclasses.replace(
     FULL,
@@ -350,7 +351,13 @@ def score(images: torch.Tensor, prompts: Prompts) -> dict:
     from apex_dist.data.benchmark import score_benchmark
 
     result = score_benchmark(images, prompts.specs)
-    return {"overall": result.overall, **result.per_task}
+    checks = sum(result.per_task_checks.values()) / max(1, len(result.per_task_checks))
+    return {"overall": result.overall, "checks": checks, **result.per_task}
+
+
+def rank_key(scores: dict) -> tuple[float, float]:
+    """Order of merit: the GenEval-style score, then the fraction of checks passed."""
+    return scores["overall"], scores["checks"]
 
 
 class Curve:
@@ -362,7 +369,8 @@ class Curve:
 
     def write(self, step: int) -> None:
         images = run_sampler(self.trainer.engine.module, self.prompts, "student", 1)
-        self.points.append((step, score(images, self.prompts)["overall"]))
+        scores = score(images, self.prompts)
+        self.points.append((step, scores["overall"], scores["checks"]))
 
 
 def train(config, initial_state=None, curve_prompts: Prompts | None = None):
@@ -429,9 +437,9 @@ def stage_guidance(teacher, settings: Settings, validation: Prompts) -> dict:
         images = run_sampler(
             teacher, validation, "teacher", settings.teacher_sampling_steps, guidance=scale
         )
-        scores[scale] = score(images, validation)["overall"]
-        log(f"teacher 50 steps, CFG {scale}: train-split score {scores[scale]:.3f}")
-    best = max(scores, key=lambda scale: (scores[scale], -scale))
+        scores[scale] = score(images, validation)
+        log(f"teacher, CFG {scale}: train-split {scores[scale]['overall']:.3f} overall")
+    best = max(scores, key=lambda scale: (*rank_key(scores[scale]), -scale))
     return {"scores": {str(scale): value for scale, value in scores.items()}, "best": best}
 
 
@@ -453,10 +461,13 @@ def stage_sweep(out: Path, settings: Settings, teacher_state: dict, validation: 
         )
         module, _, seconds = train(config, teacher_state)
         images = run_sampler(module, validation, "student", 1)
-        scores[name] = score(images, validation)["overall"]
+        scores[name] = score(images, validation)
         write_json(cached, {"score": scores[name], "seconds": seconds})
-        log(f"sweep {name}: train-split score at 1 NFE {scores[name]:.3f} ({seconds:.0f} s)")
-    best = max(scores, key=scores.get)
+        log(
+            f"sweep {name}: train-split at 1 NFE {scores[name]['overall']:.3f} overall, "
+            f"{scores[name]['checks']:.3f} checks ({seconds:.0f} s)"
+        )
+    best = max(scores, key=lambda name: rank_key(scores[name]))
     return {"scores": scores, "best": best, "overrides": SWEEP[best]}
 
 
@@ -569,7 +580,7 @@ def summary_table(teacher: dict, students: dict) -> tuple[list[str], list[list]]
     """Rows (sampler, overall and per task as (mean, sd)) of the results table."""
     from apex_dist.data.benchmark import TASKS
 
-    columns = ["overall", *TASKS]
+    columns = ["overall", "checks", *TASKS]
     rows = []
     for name, repetitions in teacher.items():
         scores = [repetition["samples"] for repetition in repetitions]
@@ -592,8 +603,9 @@ def format_markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(students: dict, path: Path) -> None:
-    """Held-out score at 1 NFE against training step, mean over seeds, one line per variant."""
+def plot_curves(students: dict, path: Path, metric: int = 1, label: str = "overall") -> None:
+    """Held-out score at 1 NFE against training step, mean over seeds, one line per variant
+    (`metric`: 1 the GenEval-style score, 2 the fraction of checks passed)."""
     from PIL import Image, ImageDraw
 
     width, height, margin = 720, 420, 50
@@ -602,10 +614,11 @@ def plot_curves(students: dict, path: Path) -> None:
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     lines = {}
     for name, per_seed in students.items():
-        steps = [step for step, _ in per_seed[0]["curve"]]
+        steps = [point[0] for point in per_seed[0]["curve"]]
         if steps:
             values = [
-                statistics.fmean(row["curve"][i][1] for row in per_seed) for i in range(len(steps))
+                statistics.fmean(row["curve"][i][metric] for row in per_seed)
+                for i in range(len(steps))
             ]
             lines[name] = (steps, values)
     last = max((steps[-1] for steps, _ in lines.values()), default=1) or 1
@@ -627,7 +640,9 @@ def plot_curves(students: dict, path: Path) -> None:
             fill="black",
         )
     draw.text(
-        (width // 2 - 120, height - 18), "training step (held-out score at 1 NFE)", fill="black"
+        (width // 2 - 120, height - 18),
+        f"training step (held-out {label} at 1 NFE)",
+        fill="black",
     )
     for index, (name, (steps, values)) in enumerate(lines.items()):
         colour = palette[index % len(palette)]
@@ -651,14 +666,20 @@ def write_report(record: dict, out: Path, results_path: Path | None, command: st
         "",
         table,
         "",
-        "Teacher CFG sweep (50 steps, train-split prompts): "
-        + ", ".join(f"{scale}: {value:.3f}" for scale, value in guidance["scores"].items())
+        "Teacher CFG sweep (train-split prompts, overall / checks): "
+        + ", ".join(
+            f"{scale}: {value['overall']:.3f} / {value['checks']:.3f}"
+            for scale, value in guidance["scores"].items()
+        )
         + f"; chosen {guidance['best']:g}.",
     ]
     if sweep:
         text.append(
-            "apex_v0 sweep (1 NFE, train-split prompts, one seed): "
-            + ", ".join(f"{name}: {value:.3f}" for name, value in sweep["scores"].items())
+            "apex_v0 sweep (1 NFE, train-split prompts, one seed, overall / checks): "
+            + ", ".join(
+                f"`{name}`: {value['overall']:.3f} / {value['checks']:.3f}"
+                for name, value in sweep["scores"].items()
+            )
             + f"; chosen `{sweep['best']}`."
         )
     markdown = "\n".join(text) + "\n"
@@ -721,6 +742,7 @@ def run(
     record["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(record, indent=2, default=str))
     plot_curves(record["students"], out / "curves.png")
+    plot_curves(record["students"], out / "curves_checks.png", 2, "checks passed")
     print(write_report(record, out, results_path, command))
     return record
 
