@@ -22,6 +22,7 @@ setup(
             "apex-encode-prompts=apex_tools.encode_prompts:main",
             "apex-convert-checkpoint=apex_tools.convert_checkpoint:main",
             "apex-quickstart=apex_tools.quickstart:main",
+            "apex-benchmark-method=apex_tools.benchmark_method:main",
             "apex-eval=apex_tools.eval:main",
             "apex-generate=apex_tools.generate:main",
         ],

@@ -358,8 +358,17 @@ class ApexConfig:
     target_time: Literal["zero", "t"] = option(
         "zero", "target time tt of the real-branch pass: 0 (one jump to data) or t"
     )
-    mix_time_weight: Literal["one", "one_minus_t_over_t"] = option(
-        "one", "per-time weight of L_mix: 1, or w(t) = (1-t)/t (Eq. 16)"
+    mix_time_weight: Literal["one", "one_minus_t_over_t", "t_times_one_minus_t"] = option(
+        "one", "per-time weight of L_mix: 1, w(t) = (1-t)/t (Eq. 16), or t(1-t) (paper_form)"
+    )
+    reading: Literal["section3", "paper_form"] = option(
+        "section3",
+        "section3: the objective as method.md section 3 writes it; paper_form: fresh noise and "
+        "time for the fake trajectory, x_fake detached, L_fake trains only the condition shift, "
+        "L_mix in velocity form, mix_ratio ramped from 0 (needs condition_shift.learnable)",
+    )
+    mix_ramp_steps: int = option(
+        0, "paper_form: optimizer steps over which lam ramps from 0 to mix_ratio (0: no ramp)"
     )
     data_free: bool = option(
         False,
@@ -375,7 +384,14 @@ class ApexConfig:
                 f"{self.fake_source!r}): the paper's fake samples are predictions from noised "
                 "data, which prompt-only training does not have"
             )
+        if self.reading == "paper_form" and (self.fake_source != "noised_data" or self.data_free):
+            problems.append(
+                f"{path}.reading=paper_form takes its fake samples from the real branch's "
+                f"one-step prediction on data: it needs {path}.fake_source=noised_data and "
+                f"{path}.data_free=false (got {self.fake_source!r}, {self.data_free})"
+            )
         problems += in_range(path, "mix_ratio", self.mix_ratio, 0, 1)
+        problems += at_least(path, "mix_ramp_steps", self.mix_ramp_steps, 0)
         problems += at_least(path, "fake_weight", self.fake_weight, 0)
         return problems + at_least(path, "mix_weight", self.mix_weight, 0)
 
@@ -440,6 +456,16 @@ class MethodConfig:
         if self.objective == "apex_v0":
             problems += self.guidance.validate_with_reference(
                 f"{path}.guidance", self.reference.mode
+            )
+        if (
+            self.objective == "apex"
+            and self.apex.reading == "paper_form"
+            and not self.condition_shift.learnable
+        ):
+            problems.append(
+                f"{path}.apex.reading=paper_form trains only the condition shift with L_fake: "
+                f"set {path}.condition_shift.learnable=true (it is false, so L_fake would train "
+                "nothing)"
             )
         if self.apex_v0.data_free and self.objective != "apex_v0":
             problems.append(

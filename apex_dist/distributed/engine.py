@@ -249,6 +249,7 @@ class TrainingEngine:
             from torch.utils.flop_counter import FlopCounterMode
 
             counter = FlopCounterMode(display=False)
+        self.objective.step = self.global_step  # for objectives with schedules (apex ramp)
         with counter if counter is not None else contextlib.nullcontext():
             for batch in micro_batches:
                 batch = as_train_batch(batch).to(self.info.device)

@@ -12,6 +12,7 @@ model's dtype. Equation numbers are the paper's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -150,6 +151,42 @@ def one_step_sample(model: VelocityModel, noise: Tensor, text: Tensor, text_mask
     return noise - predict(model, noise, ones, torch.zeros_like(ones), text, text_mask)
 
 
+def _module_of(model) -> torch.nn.Module:
+    """The nn.Module behind a velocity model: the model itself, a functools.partial of it, or
+    an adapter whose `forward` is the module (the training engine's `VelocityModelAdapter`)."""
+    while isinstance(model, functools.partial):
+        model = model.func
+    if isinstance(model, torch.nn.Module):
+        return model
+    forward = getattr(model, "forward", None)
+    if isinstance(forward, torch.nn.Module):
+        return forward
+    raise TypeError(
+        f"cannot find the module behind {type(model).__name__}: apex reading paper_form needs "
+        "an nn.Module (or an adapter with the module as `forward`) to limit L_fake's gradient "
+        "to the condition shift"
+    )
+
+
+@contextlib.contextmanager
+def gradient_only_to_condition_shift(model):
+    """Within the block, only the condition shift's parameters (a, b) record gradient: every
+    other trainable parameter of the model is switched to requires_grad=False and back."""
+    module = _module_of(model)
+    frozen = [
+        parameter
+        for name, parameter in module.named_parameters()
+        if parameter.requires_grad and "condition_shift." not in name
+    ]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+
+
 def generation_noise(batch: TrainBatch) -> Tensor:
     """Gaussian noise of the data's shape (data-free mode: `batch.latent_shape` per row)."""
     return torch.randn(batch.generated_shape(), device=batch.text.device)
@@ -181,6 +218,9 @@ class Objective:
     def __init__(self, config: MethodConfig):
         self.config = config
         self.loss = build_loss(config.loss.kind, config.loss.robust_scale)
+        # The optimizer step the next call belongs to: set by the training engine before each
+        # step (restored with it on resume); objectives with schedules read it.
+        self.step = 0
 
     def sample_time(self, rows: int, device: torch.device) -> Tensor:
         sampling = self.config.time_sampling
@@ -265,12 +305,23 @@ class Apex(Objective):
     def mix_weight(self, t: Tensor) -> Tensor:
         if self.options.mix_time_weight == "one_minus_t_over_t":
             return (1 - t) / t.clamp(min=MIN_TIME_FOR_WEIGHT)
+        if self.options.mix_time_weight == "t_times_one_minus_t":
+            return t * (1 - t)
         return torch.ones_like(t)
+
+    def ramped_mix_ratio(self) -> float:
+        """lam at the current step: mix_ratio * min(1, step / mix_ramp_steps)."""
+        ramp = self.options.mix_ramp_steps
+        if ramp <= 0:
+            return self.options.mix_ratio
+        return self.options.mix_ratio * min(1.0, self.step / ramp)
 
     def needs_latents(self) -> bool:
         return not self.options.data_free
 
     def compute(self, model, batch, reference):
+        if self.options.reading == "paper_form":
+            return self.compute_paper_form(model, batch, reference)
         options = self.options
         text, text_mask = batch.text, batch.text_mask
         if options.data_free:  # prompt-only data: the model's own one-step samples stand in
@@ -340,6 +391,55 @@ class Apex(Objective):
             "loss_mix": loss_mix,
             "loss_supervised": loss_supervised,
             "loss_consistency": loss_consistency,
+        }
+
+    def compute_paper_form(self, model, batch, reference):
+        """`reading: paper_form`, a second reading of Section 3 (method.md, "A second reading").
+
+        1. x_t = t*z + (1-t)*x; real branch F = F(x_t, t, tt, c) (grad), x_fake = sg(x_t - t*F).
+        2. A fake trajectory of its own: fresh z', t_fake ~ U(0, 1),
+           x_fake_t = t_fake*z' + (1-t_fake)*x_fake;
+           L_fake = |F(x_fake_t, t_fake, t_fake, c_fake) - (z' - x_fake)|^2 with gradient to the
+           condition shift (a, b) only (Eq. 12).
+        3. v_fake = sg(F_ref(x_t, t, t, c_fake)) at the real points (Eq. 14, 17).
+        4. L_mix = w(t) |F - v_mix|^2 with v_mix = (1-lam)*(z - x) + lam*v_cons: Eq. 22-24
+           divided by t (velocity form), v_cons = v_fake (toward_fake) or its reflection about
+           sg(F) (away_from_fake); lam ramps from 0 to mix_ratio over mix_ramp_steps.
+        No separate supervised term: L = lambda_p * L_fake + lambda_e * L_mix (Eq. 25).
+        """
+        options = self.options
+        text, text_mask, x = batch.text, batch.text_mask, batch.latents
+        rows = batch.rows
+        all_fake = torch.ones(rows, dtype=torch.bool, device=x.device)
+
+        t = self.sample_time(rows, x.device)
+        target_time = torch.zeros_like(t) if options.target_time == "zero" else t
+        noise = torch.randn_like(x)
+        x_t = interpolate(x, noise, t)
+        velocity = predict(model, x_t, t, target_time, text, text_mask)  # real branch, grad
+        x_fake = data_estimate(x_t, t, velocity).detach()
+
+        fake_noise = torch.randn_like(x)
+        fake_time = torch.rand(rows, device=x.device)
+        x_fake_t = interpolate(x_fake, fake_noise, fake_time)
+        with gradient_only_to_condition_shift(model):
+            fake_velocity = predict(
+                model, x_fake_t, fake_time, fake_time, text, text_mask, all_fake
+            )
+        loss_fake = self.loss(fake_velocity, velocity_target(x_fake, fake_noise)).mean()
+
+        mix_ratio = self.ramped_mix_ratio()
+        with torch.no_grad():
+            fake_at_real = predict(reference, x_t, t, t, text, text_mask, all_fake)
+            anchor = velocity.detach()
+            consistency_goal = anchor + self.correction_sign * (fake_at_real - anchor)
+            mixed_goal = (1 - mix_ratio) * velocity_target(x, noise) + mix_ratio * consistency_goal
+        loss_mix = (self.loss(velocity, mixed_goal) * self.mix_weight(t)).mean()
+        loss = options.fake_weight * loss_fake + options.mix_weight * loss_mix  # Eq. 25
+        return loss, {
+            "loss_fake": loss_fake,
+            "loss_mix": loss_mix,
+            "mix_ratio": torch.tensor(mix_ratio),
         }
 
 

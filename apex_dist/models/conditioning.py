@@ -128,7 +128,7 @@ class ConditionShift(nn.Module):
     Args:
         scale: a of Eq. 9 (default: `method.condition_shift.scale` of the config schema).
         bias: b of Eq. 9 (default: `method.condition_shift.bias`).
-        learnable: make a and b trainable parameters instead of constants.
+        learnable: make a and b trainable parameters (of shape (1,)) instead of constants.
     """
 
     def __init__(
@@ -143,8 +143,10 @@ class ConditionShift(nn.Module):
         scale_tensor = torch.tensor(float(scale), device=device)
         bias_tensor = torch.tensor(float(bias), device=device)
         if learnable:
-            self.scale = nn.Parameter(scale_tensor)
-            self.bias = nn.Parameter(bias_tensor)
+            # one-element vectors, not 0-dim: DeepSpeed's start-up broadcast views every
+            # parameter as bytes, which a 0-dim tensor cannot be
+            self.scale = nn.Parameter(scale_tensor.reshape(1))
+            self.bias = nn.Parameter(bias_tensor.reshape(1))
         else:
             self.register_buffer("scale", scale_tensor)
             self.register_buffer("bias", bias_tensor)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -379,6 +380,12 @@ def model_tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _same_shift_value(key: str, first: tuple[int, ...], second: tuple[int, ...]) -> bool:
+    """A condition-shift value stored 0-dim (fixed) or as a one-element vector (learnable):
+    one number either way, compared and never applied (`_compare_shift`)."""
+    return key.startswith("condition_shift.") and math.prod(first) == math.prod(second) == 1
+
+
 def compare_keys(
     checkpoint_shapes: Mapping[str, tuple[int, ...]],
     model_shapes: Mapping[str, tuple[int, ...]],
@@ -396,7 +403,9 @@ def compare_keys(
     mismatched = {
         key: (tuple(checkpoint_shapes[key]), tuple(model_shapes[key]))
         for key in sorted(checkpoint_shapes)
-        if key in model_shapes and tuple(checkpoint_shapes[key]) != tuple(model_shapes[key])
+        if key in model_shapes
+        and tuple(checkpoint_shapes[key]) != tuple(model_shapes[key])
+        and not _same_shift_value(key, checkpoint_shapes[key], model_shapes[key])
     }
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(source, missing, unexpected, mismatched)
