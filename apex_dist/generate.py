@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from apex_dist.export.convert import nested
 from apex_dist.export.student import (
     DTYPE_NAMES,
     SOURCE_LORA_EXPORT,
@@ -35,7 +36,6 @@ from apex_dist.export.student import (
     is_snapshot,
     load_student,
     load_teacher,
-    nested,
     pretrained_of,
     run_config_path,
     source_kind,

@@ -29,13 +29,17 @@ bench.run(Path(sys.argv[1]), settings, variants, Path(sys.argv[2]), "tiny")
 def test_tiny_benchmark_trains_changes_weights_writes_the_report_and_resumes(tmp_path):
     out, report = tmp_path / "bench", tmp_path / "results.md"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [sys.executable, "-c", TINY_RUN, str(out), str(report)],
-        cwd=ROOT,
-        env=environment,
-        check=True,
-        timeout=240,
-    )
+
+    def run_tiny_benchmark():
+        subprocess.run(
+            [sys.executable, "-c", TINY_RUN, str(out), str(report)],
+            cwd=ROOT,
+            env=environment,
+            check=True,
+            timeout=240,
+        )
+
+    run_tiny_benchmark()
     record = json.loads((out / "results.json").read_text())
     assert set(record["students"]) == {"fm", "apex_v0 tuned", "apex paper_form"}
     assert record["variants"]["apex_v0 tuned"][1:] == [
@@ -57,13 +61,7 @@ def test_tiny_benchmark_trains_changes_weights_writes_the_report_and_resumes(tmp
     # a second call trains nothing: the teacher, sweep runs and students are read back; it
     # replaces only the generated part of the results file
     report.write_text(f"intro\n{bench.REPORT_START}\nstale table\n{bench.REPORT_END}\nanalysis\n")
-    subprocess.run(
-        [sys.executable, "-c", TINY_RUN, str(out), str(report)],
-        cwd=ROOT,
-        env=environment,
-        check=True,
-        timeout=240,
-    )
+    run_tiny_benchmark()
     again = json.loads((out / "results.json").read_text())
     assert again["students"] == record["students"] and again["sweep"] == record["sweep"]
     assert again["stages"]["teacher"]["skipped"]

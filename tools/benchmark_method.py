@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import statistics
 import sys
@@ -181,25 +180,9 @@ QUICK = dataclasses.replace(
 
 def start_process_group(threads: int) -> None:
     """One rank on the CPU in this process, shared by every run."""
-    from apex_dist.distributed.runtime import _free_port, init_distributed
+    from apex_tools.toy_experiment import start_cpu_rank
 
-    torch.set_num_threads(threads)
-    os.environ.update(
-        {
-            "CUDA_VISIBLE_DEVICES": "",
-            "DS_ACCELERATOR": "cpu",
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
-            "OMP_NUM_THREADS": str(threads),
-        }
-    )
-    init_distributed()
-    for name in ("apex_dist", "DeepSpeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    start_cpu_rank(threads)
 
 
 def model_spec():

@@ -180,15 +180,16 @@ def train(config: Config, initial_state: dict | None = None):
     return trainer
 
 
-def start_worker(threads: int) -> None:
-    """Pool initializer: `threads` torch threads and a process group of one rank (a free port
-    of its own), shared by every run of this worker."""
+def start_cpu_rank(threads: int):
+    """`threads` torch threads and a process group of one CPU rank (a free port of its own) in
+    this process, shared by every run in it; the library's per-run log lines silenced (the
+    tools print one line per run instead). Returns the rank info."""
     from apex_dist.distributed.runtime import _free_port, init_distributed
 
     torch.set_num_threads(threads)
     os.environ.update(
         {
-            "CUDA_VISIBLE_DEVICES": "",  # the toy runs on the CPU (its timings are the CPU's)
+            "CUDA_VISIBLE_DEVICES": "",  # CPU runs (their timings are the CPU's)
             "DS_ACCELERATOR": "cpu",
             "RANK": "0",
             "LOCAL_RANK": "0",
@@ -199,9 +200,15 @@ def start_worker(threads: int) -> None:
             "OMP_NUM_THREADS": str(threads),
         }
     )
-    WORKER["info"] = init_distributed()
-    for name in ("apex_dist", "DeepSpeed"):  # one line per run from this tool instead
+    info = init_distributed()
+    for name in ("apex_dist", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    return info
+
+
+def start_worker(threads: int) -> None:
+    """Pool initializer: one CPU rank (`start_cpu_rank`) for every run of this worker."""
+    WORKER["info"] = start_cpu_rank(threads)
 
 
 def score_samplers(model, samplers: dict, settings: Settings, seed: int) -> dict:

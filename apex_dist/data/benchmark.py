@@ -41,13 +41,13 @@ from apex_dist.data.evaluate import _relation_holds, detect_objects, to_uint8
 from apex_dist.data.shards import ShardWriter
 from apex_dist.data.synthetic import (
     COLOURS,
-    OBJECT_SIZE_RANGE,
     PLURALS,
     RELATIONS,
     SHAPES,
     _region,
     _seeded,
     encode_png,
+    random_placements,
     render_scene,
 )
 
@@ -175,16 +175,7 @@ def make_spec(composition: tuple, rng) -> dict:
         free = [cell for cell in _region(relation, group) if cell not in used_cells]
         cells = rng.sample(free, count)
         used_cells.update(cells)
-        placements.append(
-            [
-                {
-                    "cell": list(cell),
-                    "size": round(rng.uniform(*OBJECT_SIZE_RANGE), 4),
-                    "offset": [round(rng.uniform(-1, 1), 4), round(rng.uniform(-1, 1), 4)],
-                }
-                for cell in cells
-            ]
-        )
+        placements.append(random_placements(rng, cells))
     return {
         "task": composition[0],
         "composition": list(composition),

@@ -89,22 +89,26 @@ def make_scene(index: int, seed: int = 0) -> dict:
         item = {"colour": colour, "shape": rng.choice(SHAPES), "count": rng.randint(1, MAX_COUNT)}
         objects.append(item)
         cells = rng.sample(_region(relation, group), item["count"])
-        placements.append(
-            [
-                {
-                    "cell": list(cell),
-                    "size": round(rng.uniform(*OBJECT_SIZE_RANGE), 4),
-                    "offset": [round(rng.uniform(-1, 1), 4), round(rng.uniform(-1, 1), 4)],
-                }
-                for cell in cells
-            ]
-        )
+        placements.append(random_placements(rng, cells))
     return {
         "caption": caption_for(objects, relation),
         "objects": objects,
         "relation": relation,
         "placements": placements,
     }
+
+
+def random_placements(rng: random.Random, cells: list[tuple[int, int]]) -> list[dict]:
+    """One placement per grid cell: the cell, a size in OBJECT_SIZE_RANGE and an offset in
+    [-1, 1]^2 (drawn in that order, cell after cell)."""
+    return [
+        {
+            "cell": list(cell),
+            "size": round(rng.uniform(*OBJECT_SIZE_RANGE), 4),
+            "offset": [round(rng.uniform(-1, 1), 4), round(rng.uniform(-1, 1), 4)],
+        }
+        for cell in cells
+    ]
 
 
 def shape_mask(shape: str, size: int) -> np.ndarray:

@@ -176,12 +176,18 @@ class ExportReport:
     seconds: float = 0.0
     verified: bool = False
 
+    def count(self, outputs: list[OutputTensor]) -> None:
+        """Add written tensors to the totals."""
+        self.tensors += len(outputs)
+        self.bytes_written += sum(tensor.byte_size() for tensor in outputs)
+
 
 # --------------------------------------------------------------------------------------------
 # the model the checkpoint is checked against
 
 
-def _nested(mapping: Any, *keys: str) -> Any:
+def nested(mapping: Any, *keys: str) -> Any:
+    """mapping[keys[0]][keys[1]]..., or None where a level is missing or not a dict."""
     for key in keys:
         if not isinstance(mapping, dict) or key not in mapping:
             return None
@@ -196,21 +202,27 @@ def _read_json(path: Path) -> dict:
         raise CheckpointFormatError(f"cannot read {path}: {error}") from error
 
 
+def condition_shift_of(run_config: dict | None) -> ConditionShiftConfig:
+    """`method.condition_shift` of a run's recorded config.yaml (the schema's defaults for what
+    it does not say)."""
+    shift = nested(run_config, "method", "condition_shift") or {}
+    return ConditionShiftConfig(
+        scale=float(shift.get("scale", DEFAULT_CONDITION_SHIFT.scale)),
+        bias=float(shift.get("bias", DEFAULT_CONDITION_SHIFT.bias)),
+        learnable=bool(shift.get("learnable", DEFAULT_CONDITION_SHIFT.learnable)),
+    )
+
+
 def build_reference_model(
     checkpoint: DeepSpeedCheckpoint, options: ExportOptions
 ) -> tuple[QwenImageTransformer, str]:
     """The model (on the meta device) whose names and shapes the export must match, and a
     description of where its configuration came from."""
     run_config = checkpoint.run_config or {}
-    shift = _nested(run_config, "method", "condition_shift") or {}
-    condition_shift = ConditionShiftConfig(
-        scale=float(shift.get("scale", DEFAULT_CONDITION_SHIFT.scale)),
-        bias=float(shift.get("bias", DEFAULT_CONDITION_SHIFT.bias)),
-        learnable=bool(shift.get("learnable", DEFAULT_CONDITION_SHIFT.learnable)),
-    )
+    condition_shift = condition_shift_of(run_config)
     exportable = exportable_presets()
-    snapshot = _nested(run_config, "model", "pretrained")
-    preset = _nested(run_config, "model", "preset")
+    snapshot = nested(run_config, "model", "pretrained")
+    preset = nested(run_config, "model", "preset")
     if options.model_config is not None:
         source = ("config", Path(options.model_config), f"--model-config {options.model_config}")
     elif options.preset is not None:
@@ -493,7 +505,7 @@ def read_base_snapshot(path: Path) -> dict[str, LazyTensor]:
 def _lora_alpha(checkpoint: DeepSpeedCheckpoint, options: ExportOptions, rank: int) -> float:
     if options.lora_alpha is not None:
         return float(options.lora_alpha)
-    lora = _nested(checkpoint.run_config, "model", "lora") or {}
+    lora = nested(checkpoint.run_config, "model", "lora") or {}
     if "alpha" not in lora:
         raise ModelMismatchError(
             f"LoRA alpha unknown: {checkpoint.tag_directory}/config.yaml has no model.lora.alpha; "
@@ -532,8 +544,7 @@ def _write_sharded(
             {"metadata": {"total_size": total}, "weight_map": weight_map},
         )
         report.files.append(DIFFUSERS_INDEX_NAME)
-    report.tensors += len(outputs)
-    report.bytes_written += sum(tensor.byte_size() for tensor in outputs)
+    report.count(outputs)
     return weight_map
 
 
@@ -815,6 +826,21 @@ def _write_full(
     return file_outputs
 
 
+def _write_file(
+    staging: Path,
+    name: str,
+    outputs: list[OutputTensor],
+    metadata: dict[str, str],
+    file_outputs: dict[str, list[OutputTensor]],
+    report: ExportReport,
+) -> None:
+    """One safetensors file of the export, recorded for --verify and the report."""
+    write_safetensors(staging / name, outputs, metadata)
+    file_outputs[name] = outputs
+    report.files.append(name)
+    report.count(outputs)
+
+
 def _write_extras(
     staging: Path,
     extras: list[OutputTensor],
@@ -822,11 +848,7 @@ def _write_extras(
     report: ExportReport,
 ) -> None:
     if extras:
-        write_safetensors(staging / APEX_EXTRA_NAME, extras, {"format": "pt"})
-        file_outputs[APEX_EXTRA_NAME] = extras
-        report.files.append(APEX_EXTRA_NAME)
-        report.tensors += len(extras)
-        report.bytes_written += sum(tensor.byte_size() for tensor in extras)
+        _write_file(staging, APEX_EXTRA_NAME, extras, {"format": "pt"}, file_outputs, report)
 
 
 def _diffusers_lora_outputs(
@@ -895,8 +917,7 @@ def _write_lora(
             "format": "pt",
             DIFFUSERS_LORA_METADATA_KEY: json.dumps(adapter, sort_keys=True),
         }
-        write_safetensors(staging / DIFFUSERS_LORA_NAME, outputs, metadata)
-        file_outputs[DIFFUSERS_LORA_NAME] = outputs
+        _write_file(staging, DIFFUSERS_LORA_NAME, outputs, metadata, file_outputs, report)
     if "comfyui" in options.lora_formats:
         outputs = []
         for module in modules:
@@ -908,12 +929,8 @@ def _write_lora(
         if plan.fold is not None:
             name = f"{COMFYUI_PREFIX}{FOLD_MODULE}.{COMFYUI_BIAS_DIFF_SUFFIX}"
             outputs.append(_tensor_output(name, plan.fold, dtype))
-        write_safetensors(staging / COMFYUI_LORA_NAME, outputs, {"format": "pt"})
-        file_outputs[COMFYUI_LORA_NAME] = outputs
-    for name, tensors in file_outputs.items():
-        report.files.append(name)
-        report.tensors += len(tensors)
-        report.bytes_written += sum(tensor.byte_size() for tensor in tensors)
+        metadata = {"format": "pt"}
+        _write_file(staging, COMFYUI_LORA_NAME, outputs, metadata, file_outputs, report)
     _write_extras(staging, _extras_outputs(plan, alpha, chunk), file_outputs, report)
     return file_outputs
 

@@ -30,6 +30,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from apex_dist.export.convert import nested
+
 SOURCE_RUN, SOURCE_EXPORT, SOURCE_LORA_EXPORT = "run", "export", "lora export"
 DTYPE_NAMES = ("fp32", "bf16")
 
@@ -133,28 +135,12 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def nested(mapping: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(mapping, dict) or key not in mapping:
-            return None
-        mapping = mapping[key]
-    return mapping
-
-
 def _shift_options(run_config: Optional[dict]) -> dict[str, Any]:
     """The model's condition-shift arguments of a run's config (defaults without one)."""
-    from apex_dist.config import ConditionShiftConfig
+    from apex_dist.export.convert import condition_shift_of
     from apex_dist.models.spec import condition_shift_arguments
 
-    shift = nested(run_config, "method", "condition_shift") or {}
-    default = ConditionShiftConfig()
-    return condition_shift_arguments(
-        ConditionShiftConfig(
-            scale=float(shift.get("scale", default.scale)),
-            bias=float(shift.get("bias", default.bias)),
-            learnable=bool(shift.get("learnable", default.learnable)),
-        )
-    )
+    return condition_shift_arguments(condition_shift_of(run_config))
 
 
 def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
