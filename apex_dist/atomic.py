@@ -4,7 +4,9 @@ Every file apex_dist publishes (configs, checkpoints' small files, run ids, vali
 shards, exports' info files) is written under a unique temporary name in the target's own
 directory, flushed to disk, and renamed over the target in one step. A crash or a full disk
 leaves either the old file or the new one, never half of one; the temporary file is removed
-when writing fails.
+when writing fails. The published file gets the mode a plain `open` would give it (0666 less
+the umask), or keeps the mode of the file it replaces, rather than the private 0600 of the
+temporary file: a teammate or a serving job that can read the folder can read the export.
 
     with atomic_path(path) as temporary:       # any writer that takes a path
         image.save(temporary, format="PNG")
@@ -17,10 +19,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _umask() -> int:
+    """The process's umask, read from /proc where the kernel reports it (changing the umask to
+    read it would race with threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path) -> int:
+    """The replaced file's permission bits, or those a new file gets from `open`."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 def _sync(path: Path) -> None:
@@ -44,6 +69,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
     temporary = Path(name)
     try:
         yield temporary
+        os.chmod(temporary, _publish_mode(path))
         if durable:
             _sync(temporary)
         os.replace(temporary, path)

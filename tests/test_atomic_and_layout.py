@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(ValueError):  # strict JSON: nothing non-finite is written
         atomic_write_json(path, {"lr": float("nan")})
     assert path.read_text() == "old\n"
+
+
+def test_published_files_get_the_umask_mode_or_keep_the_replaced_files_mode(tmp_path):
+    """Temporary files are private (0600); the published file must not be, or a teammate's
+    job could not read an export's info or a run's config."""
+    previous = os.umask(0o027)
+    try:
+        fresh = tmp_path / "export_info.json"
+        atomic_write_json(fresh, {"format": 1})
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o640
+        kept = tmp_path / "config.yaml"
+        kept.write_text("old\n")
+        kept.chmod(0o604)
+        atomic_write_text(kept, "new\n")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o604 and kept.read_text() == "new\n"
+    finally:
+        os.umask(previous)
 
 
 def test_latest_may_only_name_a_tag_of_its_directory(tmp_path):

@@ -496,8 +496,15 @@ SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def quickstart_inputs(tmp_path_factory) -> list[str]:
-    """The quickstart's own staged data and teacher, made small."""
-    from apex_tools.quickstart import Settings, encoded_urls, stage_data
+    """The quickstart's own staged data and teacher (beside the text encoder, which guidance
+    needs for the negative prompt), made small."""
+    from apex_tools.quickstart import (
+        FIRST_TEACHER,
+        Settings,
+        compose_snapshot,
+        encoded_urls,
+        stage_data,
+    )
 
     out = tmp_path_factory.mktemp("quickstart")
     settings = Settings(
@@ -509,11 +516,12 @@ def quickstart_inputs(tmp_path_factory) -> list[str]:
         student_steps=2,
         student_lr=0.0,
         micro_batch_size=8,
-        evaluation_count=0,
+        per_task=0,
         processes=1,
     )
     stage_data(settings)
-    return [f"data.urls={json.dumps(encoded_urls(settings))}"]
+    start = compose_snapshot(out / "text_snapshot", FIRST_TEACHER, out / "start")
+    return [f"data.urls={json.dumps(encoded_urls(settings))}", f"model.pretrained={start}"]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[path.name for path in SHIPPED])

@@ -252,3 +252,20 @@ def test_the_text_encoder_follows_model_dtype_and_text_max_length(tmp_path, monk
     with pytest.raises(RuntimeError, match="stop here"):
         BatchPreparer(config, CPU, rank_seed=0).text_encoder()
     assert seen == {"dtype": torch.bfloat16, "max_length": 77}
+
+
+def test_text_dropout_on_precomputed_features_without_a_snapshot_names_the_negative_prompt():
+    """Precomputed shards hold the prompts' features but not the negative prompt's: the error
+    says what the text encoder is for and does not advise precomputing what already is."""
+    config = prompt_config(
+        "data.sample_kind=precomputed",
+        "data.kind=webdataset",
+        'data.urls=["unused.tar"]',
+        "data.text_dropout=0.1",
+    )
+    preparer = BatchPreparer(config, CPU, rank_seed=0)
+    with pytest.raises(ValueError) as error:
+        preparer(features(8), step=0)
+    message = str(error.value)
+    assert "method.guidance.negative_prompt" in message and "model.pretrained is null" in message
+    assert "text_encoder/" in message and "encode_prompts" not in message

@@ -82,20 +82,22 @@ class BatchPreparer:
 
     def _snapshot(self, what: str) -> str:
         if not self.config.model.pretrained:
-            raise ValueError(
-                f"the data needs {what} but model.pretrained is null: give a snapshot directory "
-                "with text_encoder/, tokenizer/ and vae/, or precompute the features and latents "
-                "with tools/encode_prompts.py (data.sample_kind: precomputed)"
-            )
+            advice = "give a snapshot directory with text_encoder/, tokenizer/ and vae/"
+            if self.config.data.sample_kind != "precomputed":
+                advice += (
+                    ", or precompute the features and latents with tools/encode_prompts.py "
+                    "(data.sample_kind: precomputed)"
+                )
+            raise ValueError(f"the data needs {what} but model.pretrained is null: {advice}")
         return self.config.model.pretrained
 
-    def text_encoder(self):
+    def text_encoder(self, why: str = "it holds prompts, not features"):
         """The snapshot's text encoder in model.dtype, keeping model.text_max_length tokens."""
         if self._text_encoder is None:
             from apex_dist.models.text_encoder import QwenTextEncoder
 
             self._text_encoder = QwenTextEncoder.from_snapshot(
-                self._snapshot("the text encoder (it holds prompts, not features)"),
+                self._snapshot(f"the text encoder ({why})"),
                 dtype=self.dtype,
                 device=self.device,
                 max_length=self.config.model.text_max_length,
@@ -130,7 +132,8 @@ class BatchPreparer:
     def negative(self) -> tuple[Tensor, Tensor]:
         """The negative prompt's features (1, S, D) and mask, encoded once."""
         if self._negative is None:
-            features, mask = self.text_encoder().negative(
+            why = "for method.guidance.negative_prompt, which text dropout and CFG use"
+            features, mask = self.text_encoder(why).negative(
                 self.config.method.guidance.negative_prompt
             )
             self._negative = (features.to(self.device).float(), mask.to(self.device))
