@@ -23,7 +23,7 @@ settings = dataclasses.replace(
     sweep=("l2, dm 0.125, w 0",), teacher_sampling_steps=2, teacher_curve_every=1,
 )
 bench.start_process_group(1)
-variants = ["fm", "apex_v0 tuned", "apex paper_form"]
+variants = ["fm", "apex_v0 tuned", "apex paper_form", "apex generator-reading"]
 bench.run(
     Path(sys.argv[1]), settings, variants, Path(sys.argv[2]), "tiny", train_teacher=True,
     export_teacher_to=Path(sys.argv[3]),
@@ -65,7 +65,13 @@ def test_tiny_benchmark_trains_changes_weights_writes_the_report_and_resumes(tmp
     assert info["guidance_scale"] == record["guidance"]["best"]
     loaded = bench.load_snapshot(out, exported).state_dict()
     assert all(torch.equal(loaded[name], chosen[name]) for name in chosen)
-    assert set(record["students"]) == {"fm", "apex_v0 tuned", "apex paper_form"}
+    assert set(record["students"]) == {
+        "fm",
+        "apex_v0 tuned",
+        "apex paper_form",
+        "apex generator-reading",
+    }
+    assert "method.apex.fake_source=noise" in record["variants"]["apex generator-reading"]
     assert record["variants"]["apex_v0 tuned"][1:] == [
         "method.loss.kind=l2",
         "method.guidance.ratio=0",

@@ -19,9 +19,9 @@ shapes, scored exactly, on compositions held out of training) it:
    train-split prompts (never the held-out ones); the best scale is the teacher's row;
 4. sweep: `apex_v0` settings (loss kind, distribution-matching weight, guidance ratio) for one
    seed each, scored on train-split prompts; the best is the variant `apex_v0 tuned`;
-5. students (`fm`, `apex_v0 defaults`, `apex_v0 tuned`, `apex paper_form`): each for every
-   seed, from the teacher's weights, scored on the held-out
-   prompts at 1, 2 and 4 NFE (and at 1 NFE every `--curve-every` steps for the curves);
+5. students (`fm`, `apex_v0 defaults`, `apex_v0 tuned`, `apex paper_form`,
+   `apex generator-reading`): each for every seed, from the teacher's weights, scored on the
+   held-out prompts at 1, 2 and 4 NFE (and at 1 NFE every `--curve-every` steps for the curves);
 6. report: OUT/results.json, OUT/results.md (also written to --results, docs/results.md for
    the full run), OUT/curves.png and curves_checks.png (held-out score and fraction of checks passed
    at 1 NFE against training step, per variant)
@@ -102,6 +102,17 @@ PAPER_FORM = [
     "method.loss.kind=l2",
 ]
 LEARNABLE_SHIFT = "method.condition_shift.learnable=true"
+# `apex` with x_fake the one-step generator's own sample (method.apex.fake_source=noise), with
+# the settings the 2-D toy runs it with (docs/toy_experiment.md).
+GENERATOR_READING = "apex generator-reading"
+
+
+def toy_students() -> dict:
+    from apex_tools.toy_experiment import STUDENTS
+
+    return STUDENTS
+
+
 # The apex_v0 sweep (one seed each): loss kind, distribution-matching weight (0.125 is 0.5
 # normalised over all rows instead of the e2e quarter) and the guidance ratio.
 SWEEP = {
@@ -876,6 +887,7 @@ def run(
         *PAPER_FORM,
         f"method.apex.mix_ramp_steps={settings.student_steps}",
     ]
+    chosen[GENERATOR_READING] = toy_students()[GENERATOR_READING]
     if variants:
         chosen = {name: chosen[name] for name in variants}
     record["variants"] = chosen
@@ -929,7 +941,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=None,
-        help="students to run (default: fm, apex_v0 defaults, apex_v0 tuned, apex paper_form)",
+        help="students to run (default: fm, apex_v0 defaults, apex_v0 tuned, apex paper_form, "
+        "apex generator-reading)",
     )
     arguments = parser.parse_args(argv)
     settings = QUICK if arguments.quick else FULL
