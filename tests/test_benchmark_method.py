@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from apex_tools import benchmark_method as bench
+from apex_tools import quickstart
 
 ROOT = Path(__file__).resolve().parents[1]
 # The whole pipeline at a size that decides nothing: a 2-step teacher, one 2-step student of
@@ -63,7 +64,7 @@ def test_tiny_benchmark_trains_changes_weights_writes_the_report_and_resumes(tmp
     info = json.loads((exported / "teacher_info.json").read_text())
     assert info["weights"] == record["guidance"]["weights"] and info["command"] == "tiny"
     assert info["guidance_scale"] == record["guidance"]["best"]
-    loaded = bench.load_snapshot(out, exported).state_dict()
+    loaded = quickstart.load_snapshot(exported).state_dict()
     assert all(torch.equal(loaded[name], chosen[name]) for name in chosen)
     assert set(record["students"]) == {
         "fm",
@@ -104,8 +105,6 @@ def test_tiny_benchmark_trains_changes_weights_writes_the_report_and_resumes(tmp
 def test_multi_step_student_samples_repeat_whatever_the_global_generator_did(tmp_path):
     """2 and 4 NFE re-noise between steps: that noise comes from the evaluation seed, so a
     score repeats exactly (it drifted by 0.014 between two evaluations of one student)."""
-    from apex_tools import quickstart
-
     quickstart.write_text_snapshot_once(tmp_path / "text")
     prompts = bench.Prompts(tmp_path / "text", "held_out", per_task=1)
     model = quickstart.load_snapshot(quickstart.FIRST_TEACHER)

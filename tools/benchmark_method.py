@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -461,7 +462,9 @@ def stage_teacher(
         return record["states"], summary
     if not train_teacher and (SHIPPED_BENCHMARK_TEACHER / "transformer").is_dir():
         info = json.loads((SHIPPED_BENCHMARK_TEACHER / "teacher_info.json").read_text())
-        state = state_of(load_snapshot(out, SHIPPED_BENCHMARK_TEACHER))
+        from apex_tools.quickstart import load_snapshot
+
+        state = state_of(load_snapshot(SHIPPED_BENCHMARK_TEACHER))
         return {"shipped": state}, {"skipped": True, "shipped": info, "seconds": 0.0}
     config = build_config(
         out,
@@ -491,24 +494,13 @@ def stage_teacher(
         if trainer.validation is not None:
             curve.extend(trainer.validation.points)
 
-    hook = (
-        (lambda trainer: TeacherCurve(trainer, curve_prompts, settings))
-        if (settings.teacher_curve_every)
-        else None
-    )
+    hook = None
+    if settings.teacher_curve_every:
+        hook = functools.partial(TeacherCurve, prompts=curve_prompts, settings=settings)
     _, _, seconds = train(config, validation=hook, before_close=keep)
     torch.save({"states": states, "seconds": seconds, "curve": curve}, path)
     log(f"teacher: {settings.teacher_steps} fm steps in {seconds:.0f} s")
     return states, {"skipped": False, "seconds": seconds, "curve": curve}
-
-
-def load_snapshot(out: Path, snapshot: Path):
-    """A transformer snapshot of the preset (the shipped teacher), fp32, on the CPU."""
-    spec = model_spec()
-    with torch.device("cpu"):
-        model = spec.build(spec.snapshot_architecture(snapshot))
-    spec.load_pretrained(model, snapshot, "fp32")
-    return model.eval()
 
 
 def build_teacher(out: Path, state: dict):

@@ -405,6 +405,8 @@ def write_labelled_grid(
     enlarged `scale` times, names on top and captions on the left; atomic PNG."""
     from PIL import Image, ImageDraw
 
+    from apex_dist.data.evaluate import to_uint8
+
     size = next(iter(columns.values())).shape[-1] * scale
     header, gap = 30, 4
     caption_width = 12 + int(
@@ -420,8 +422,7 @@ def write_labelled_grid(
         top = header + row * (size + gap)
         draw.text((4, top + size // 2 - 6), caption, fill="black")
         for column, images in enumerate(columns.values()):
-            pixels = images[row].clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-            picture = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+            picture = Image.fromarray(to_uint8(images[row : row + 1])[0])
             picture = picture.resize((size, size), Image.Resampling.NEAREST)
             canvas.paste(picture, (caption_width + column * (size + gap), top))
     with atomic_path(path) as temporary:
